@@ -1,0 +1,191 @@
+"""Flat buffers: one contiguous buffer per (param group, device, dtype) for params, grads and each
+optimizer state, so a step is one backend call per buffer instead of one per tensor.
+
+Params are re-pointed (`p.data = view`) into the buffer, keeping their strides (a channels_last
+weight stays channels_last), so the model and `model.state_dict()` keep working. Grads that are
+views of the grad buffer (the case after the first step and `zero_grad(set_to_none=False)`) are
+used in place; any other grad (backward after `zero_grad()`, an assigned `p.grad`) is copied in
+and `p.grad` re-pointed to its view. `optimizer.state[p]` holds views too, in torch's layout, and
+`step` is a 0-dim view of one float32 CPU tensor per buffer, so counting steps is one op.
+Complex params live in a real buffer as (re, im) pairs, which is what torch's Adam computes on.
+"""
+from __future__ import annotations
+
+import torch
+
+# Each segment starts at a multiple of 16 elements: views stay >= 32-byte aligned, so a kernel
+# working per segment keeps its 128-bit vector loads, and every buffer's length is a multiple of
+# 16, so whole-buffer launches need no scalar tail.
+ALIGN = 16
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+SPARSE_ERROR = "Adam does not support sparse gradients, please consider SparseAdam instead"
+
+
+def buffer_key(p: torch.Tensor) -> tuple[torch.device, torch.dtype]:
+    """(device, real dtype): the buffer a param belongs to."""
+    dtype = p.dtype.to_real() if p.is_complex() else p.dtype
+    return p.device, dtype
+
+
+def _view(flat: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
+    """A view of `flat` at `offset` shaped like `like`, with the dense strides torch gives
+    `empty_like(like)` (like's own layout when it is dense, else contiguous)."""
+    stride = torch.empty_like(like, device="meta").stride()
+    if like.is_complex():
+        real = flat.as_strided((*like.shape, 2), (*(2 * s for s in stride), 1), offset)
+        return torch.view_as_complex(real)
+    return flat.as_strided(like.shape, stride, offset)
+
+
+class FlatBuffer:
+    """The params of one group that share a device and dtype, packed with their grads and state."""
+
+    def __init__(self, params: list[torch.Tensor], amsgrad: bool):
+        self.params = params
+        self.amsgrad = amsgrad
+        self.device, dtype = buffer_key(params[0])
+        bounds = [0]
+        for p in params:
+            size = p.numel() * (2 if p.is_complex() else 1)
+            bounds.append(bounds[-1] + -(-size // ALIGN) * ALIGN)
+        self.bounds = bounds  # segment i is [bounds[i], bounds[i + 1]), padding included
+        self.total = bounds[-1]
+        make = lambda: torch.zeros(self.total, dtype=dtype, device=self.device)  # noqa: E731
+        self.param, self.grad = make(), make()
+        self.state = {k: make() for k in STATE_KEYS[: 3 if amsgrad else 2]}
+        self.steps = torch.zeros(len(params), dtype=torch.float32)  # torch's `step`: fp32, CPU
+        self.views = {name: [_view(flat, off, p) for off, p in zip(bounds, params)]
+                      for name, flat in (("param", self.param), ("grad", self.grad), *self.state.items())}
+        with torch.no_grad():
+            for p, view in zip(params, self.views["param"]):
+                view.copy_(p)
+                p.data = view
+        self.grad_ptrs = [g.data_ptr() for g in self.views["grad"]]
+        self.initialized = [False] * len(params)
+
+    def adopt_state(self, state) -> None:
+        """Make `state[p]` (whatever tensors it holds now) views of this buffer, values kept."""
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                s = state.get(p)
+                self.initialized[i] = bool(s)
+                self.steps[i] = float(s["step"]) if s else 0.0
+                for key, views in self.views.items():
+                    if key == "param" or key == "grad":
+                        continue
+                    if s and key in s:
+                        if s[key] is not views[i]:
+                            views[i].copy_(s[key])
+                    else:
+                        views[i].zero_()
+                    if s:
+                        s[key] = views[i]
+                if s:
+                    s["step"] = self.steps[i]
+
+    def _init_state(self, i: int, state) -> None:
+        # Segments of params never stepped are all zeros (adopt_state, or fresh from __init__).
+        s = state[self.params[i]]
+        s["step"] = self.steps[i]
+        for key in self.state:
+            s[key] = self.views[key][i]
+        self.initialized[i] = True
+
+    def _classify_grads(self):
+        """(active indices or None for all, grads to copy in as (index, grad)); raises on a sparse
+        grad before anything is modified."""
+        grads = [p.grad for p in self.params]
+        try:
+            if [g.data_ptr() for g in grads] == self.grad_ptrs:
+                return None, []  # every grad is our view: the fast path
+        except (AttributeError, RuntimeError):
+            pass  # a None or a sparse grad
+        active, foreign = [], []
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            if g.layout != torch.strided:
+                raise RuntimeError(SPARSE_ERROR)
+            active.append(i)
+            if g.data_ptr() != self.grad_ptrs[i]:
+                foreign.append((i, g))
+        return (None if len(active) == len(grads) else active), foreign
+
+    def plan(self, state, step_fn):
+        """Check this buffer's grads and return the update as a callable, or None when no param
+        has a grad. Nothing is modified until the callable runs, so a step that raises here
+        leaves every param and state as it was."""
+        active, foreign = self._classify_grads()
+        if active == []:
+            return None
+        return lambda: self._apply(state, active, foreign, step_fn)
+
+    def _apply(self, state, active, foreign, step_fn) -> None:
+        if foreign:
+            views = [self.views["grad"][i] for i, _ in foreign]
+            torch._foreach_copy_(views, [g for _, g in foreign])
+            for (i, _), view in zip(foreign, views):
+                self.params[i].grad = view
+        indices = range(len(self.params)) if active is None else active
+        if not all(self.initialized[i] for i in indices):
+            for i in indices:
+                if not self.initialized[i]:
+                    self._init_state(i, state)
+        if active is None:
+            self.steps.add_(1)
+        else:
+            self.steps[active] += 1
+        steps = self.steps.tolist()
+        m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
+        vmax = self.state.get("max_exp_avg_sq")
+        for start, end, step in self._runs(active, steps):
+            step_fn(self.param[start:end], self.grad[start:end], m[start:end], v[start:end],
+                    None if vmax is None else vmax[start:end], step=step)
+
+    def _runs(self, active, steps):
+        """Maximal spans of consecutive active segments that share a step count: one span, the
+        whole buffer, unless some grads are None or params joined at different times."""
+        if active is None and min(steps, default=0) == max(steps, default=0):
+            return [(0, self.total, steps[0])] if steps else []
+        runs = []
+        for i in range(len(self.params)) if active is None else active:
+            start, end = self.bounds[i], self.bounds[i + 1]
+            if runs and runs[-1][1] == start and runs[-1][2] == steps[i]:
+                runs[-1][1] = end
+            else:
+                runs.append([start, end, steps[i]])
+        return runs
+
+    def zero_grad(self) -> None:
+        """`zero_grad(set_to_none=False)`: one fill for every grad that is our view; others as
+        torch does them."""
+        for p, ptr in zip(self.params, self.grad_ptrs):
+            g = p.grad
+            if g is not None and (g.layout != torch.strided or g.data_ptr() != ptr):
+                if g.grad_fn is not None:
+                    g.detach_()
+                else:
+                    g.requires_grad_(False)
+                g.zero_()
+        self.grad.zero_()
+
+
+class GroupBuffers:
+    """The flat buffers of one param group, and the check that they still hold its params."""
+
+    def __init__(self, params: list[torch.Tensor], amsgrad: bool, state):
+        by_key: dict[tuple, list[torch.Tensor]] = {}
+        for p in params:
+            by_key.setdefault(buffer_key(p), []).append(p)
+        self.buffers = [FlatBuffer(ps, amsgrad) for ps in by_key.values()]
+        for buf in self.buffers:
+            buf.adopt_state(state)
+        self.amsgrad = amsgrad
+        self.ids = [id(p) for p in params]
+        self.ptrs = [p.data_ptr() for p in params]
+
+    def is_current(self, params: list[torch.Tensor], amsgrad: bool) -> bool:
+        """False when the group's params changed or one's storage was replaced (`model.half()`,
+        `model.to(...)`, `p.data = ...`): the buffers would then update a stale copy."""
+        return (amsgrad == self.amsgrad and list(map(id, params)) == self.ids
+                and [p.data_ptr() for p in params] == self.ptrs)

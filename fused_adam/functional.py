@@ -1,0 +1,29 @@
+"""One Adam/AdamW step over one buffer: host-side scalars, then one backend call."""
+from __future__ import annotations
+
+import torch
+
+from . import backends
+
+
+def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+               exp_avg_sq: torch.Tensor, max_exp_avg_sq: torch.Tensor | None = None, *,
+               step: float, lr: float, beta1: float, beta2: float, eps: float,
+               weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
+               maximize: bool = False, bias_correction: bool = True,
+               backend: str = "auto") -> None:
+    """Update `param`, `exp_avg`, `exp_avg_sq` (and `max_exp_avg_sq`, i.e. amsgrad) in place.
+
+    `step` is the step count including this one (1 on the first step). The scalars are computed
+    once here in double precision, as `_single_tensor_adam` computes them in Python; kernels
+    receive them rounded to fp32, as ATen's ops do.
+    """
+    lr, beta1, beta2, weight_decay = float(lr), float(beta1), float(beta2), float(weight_decay)
+    bc1 = 1 - beta1**step if bias_correction else 1.0
+    bc2 = 1 - beta2**step if bias_correction else 1.0
+    backends.resolve(backend, param.device)(
+        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
+        decay=1 - lr * weight_decay, weight_decay=weight_decay, lerp_weight=1 - beta1,
+        beta2=beta2, one_minus_beta2=1 - beta2, neg_step_size=-(lr / bc1),
+        bc2_sqrt=bc2**0.5, eps=float(eps), maximize=bool(maximize),
+        decoupled=bool(decoupled_weight_decay))

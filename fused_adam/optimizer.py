@@ -1,0 +1,168 @@
+"""FusedAdam / FusedAdamW: the torch.optim.Optimizer API over flat buffers.
+
+This layer validates arguments (torch's exceptions and messages), owns param_groups, state and
+state_dict (torch's layout), and turns each group into one `adam_step_` call per flat buffer.
+It never touches a kernel.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.optim import Optimizer
+
+from . import backends
+from .flat import GroupBuffers
+from .functional import adam_step_
+
+
+class FusedAdam(Optimizer):
+    """Drop-in `torch.optim.Adam` whose step is one fused pass per flat buffer.
+
+    Same arguments as `torch.optim.Adam`; `foreach` and `fused` are accepted for drop-in use and
+    change nothing (the step is always fused). Extra keyword arguments:
+      bias_correction: False drops Adam's bias correction (as apex and DeepSpeed allow).
+      backend: "auto" (default), "triton" or "torch"; see `fused_adam.backends`.
+    """
+
+    _layout: list[GroupBuffers] | None = None
+    _layout_state = None
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None, decoupled_weight_decay=False,
+                 bias_correction=True, backend="auto"):
+        _check_hyperparameters(lr, betas, eps, weight_decay, foreach, fused)
+        if differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if capturable:
+            raise NotImplementedError("fused_adam does not support capturable=True yet")
+        backends.check_name(backend)
+        defaults = dict(lr=lr, betas=tuple(float(b) for b in betas), eps=eps,
+                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        foreach=foreach, capturable=False, differentiable=False, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay,
+                        bias_correction=bias_correction, backend=backend)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for device in {p.device for p in group["params"]}:
+                self._check_backend(group["backend"], device)
+        self._sync_layout()
+
+    @staticmethod
+    def _check_backend(name: str, device: torch.device) -> None:
+        backends.resolve(name, device)  # raises, with the reason, when `name` cannot run there
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # groups loaded from torch.optim lack our keys
+            group.setdefault("bias_correction", True)
+            group.setdefault("backend", self.defaults.get("backend", "auto"))
+            for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None),
+                               ("capturable", False), ("differentiable", False),
+                               ("fused", None), ("decoupled_weight_decay", False)):
+                group.setdefault(key, value)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        if self._layout is not None:  # None while torch's __init__ adds the first groups
+            self._sync_layout()
+
+    def _sync_layout(self) -> None:
+        """(Re)build the flat buffers of groups that are new or stale; after load_state_dict (a
+        new `self.state`) all of them, adopting the loaded values."""
+        if self._layout is None or self._layout_state is not self.state:
+            self._layout, self._layout_state = [], self.state
+        layout = self._layout
+        del layout[len(self.param_groups):]
+        for i, group in enumerate(self.param_groups):
+            if i == len(layout) or not layout[i].is_current(group["params"], group["amsgrad"]):
+                buffers = GroupBuffers(group["params"], group["amsgrad"], self.state)
+                layout[i:i + 1] = [buffers]
+
+    def _layout_is_current(self) -> bool:
+        return (self._layout is not None and self._layout_state is self.state
+                and len(self._layout) == len(self.param_groups)
+                and all(gb.is_current(g["params"], g["amsgrad"])
+                        for g, gb in zip(self.param_groups, self._layout)))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if set_to_none or not self._layout_is_current():
+            return super().zero_grad(set_to_none)
+        for group_buffers in self._layout:
+            for buf in group_buffers.buffers:
+                buf.zero_grad()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._sync_layout()
+        updates = []  # every check runs before the first update: a step that raises changes nothing
+        for group, group_buffers in zip(self.param_groups, self._layout):
+            beta1, beta2 = group["betas"]
+            step_fn = functools.partial(
+                adam_step_, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                maximize=group["maximize"], bias_correction=group["bias_correction"],
+                backend=group["backend"])
+            for buf in group_buffers.buffers:
+                update = buf.plan(self.state, step_fn)
+                if update is not None:
+                    self._check_backend(group["backend"], buf.device)
+                    updates.append(update)
+        for update in updates:
+            update()
+        return loss
+
+
+class FusedAdamW(FusedAdam):
+    """Drop-in `torch.optim.AdamW`: FusedAdam with decoupled weight decay, default 1e-2."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None, bias_correction=True, backend="auto"):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, bias_correction=bias_correction,
+                         backend=backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # as torch.optim.AdamW: always decoupled
+            group["decoupled_weight_decay"] = True
+
+
+def _check_hyperparameters(lr, betas, eps, weight_decay, foreach, fused) -> None:
+    """torch.optim.Adam's argument checks, with its exception types and messages."""
+    if isinstance(lr, torch.Tensor):
+        if foreach:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if not (all(isinstance(b, float) for b in betas)
+            or all(isinstance(b, torch.Tensor) for b in betas)):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, torch.Tensor):
+            if foreach:
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for "
+                                 "capturable=False and foreach=True")
+            if beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
