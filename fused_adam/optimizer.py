@@ -65,6 +65,12 @@ class FusedAdam(Optimizer):
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
+        params = self.param_groups[-1]["params"]
+        if len(set(map(id, params))) != len(params):
+            # torch.optim only warns and then updates such a param twice per step; one param
+            # cannot live in two places of a flat buffer.
+            self.param_groups.pop()
+            raise ValueError("fused_adam: a parameter group contains the same parameter twice")
         if self._layout is not None:  # None while torch's __init__ adds the first groups
             self._sync_layout()
 

@@ -25,28 +25,33 @@ TOLERANCE = {
     # not (it differs from the rounded float64 sqrt in ~17% of elements, 1 ulp, torch 2.13 AVX-512),
     # so denominators differ by 1 ulp and params by ~1 ulp of the update.
     ("triton", torch.float32): dict(rtol=1e-6, atol=1e-7),
+    # A training loop feeds each step's params into the next gradients: the 1-ulp sqrt difference
+    # above grows where |grad| ~ eps-scale (m/sqrt(v) is then ill-conditioned). Measured after 8
+    # steps of tests/test_flat.py's model: 5e-6 absolute, 2e-4 relative.
+    ("triton", "training loop"): dict(rtol=1e-3, atol=2e-5),
+    ("torch", "training loop"): dict(rtol=1e-6, atol=1e-7),
 }
 
 
-def assert_close(actual, expected, backend, what=""):
-    tol = TOLERANCE[(backend, expected.dtype if not expected.is_complex() else torch.float32)]
+def assert_close(actual, expected, backend, what="", key=None):
+    tol = TOLERANCE[(backend, key or (torch.float32 if expected.is_complex() else expected.dtype))]
     torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=tol["atol"],
                                msg=lambda m: f"{what}: {m}")
 
 
-def assert_optimizers_match(ours, ref, backend):
+def assert_optimizers_match(ours, ref, backend, key=None):
     """Params and every state tensor of `ours` equal `ref`'s, param by param."""
     ours_params = [p for g in ours.param_groups for p in g["params"]]
     ref_params = [p for g in ref.param_groups for p in g["params"]]
     for i, (p, q) in enumerate(zip(ours_params, ref_params, strict=True)):
-        assert_close(p.detach(), q.detach(), backend, f"param {i}")
+        assert_close(p.detach(), q.detach(), backend, f"param {i}", key)
         s, r = ours.state.get(p, {}), ref.state.get(q, {})
         assert s.keys() == r.keys(), f"param {i}: state keys {sorted(s)} != {sorted(r)}"
-        for key in r:
-            if key == "step":
-                assert float(s[key]) == float(r[key]), f"param {i}: step {s[key]} != {r[key]}"
+        for name in r:
+            if name == "step":
+                assert float(s[name]) == float(r[name]), f"param {i}: step {s[name]} != {r[name]}"
             else:
-                assert_close(s[key], r[key], backend, f"param {i} {key}")
+                assert_close(s[name], r[name], backend, f"param {i} {name}", key)
 
 
 def make_params(shapes, device, seed=0, dtype=torch.float32):

@@ -1,0 +1,111 @@
+"""Bad input: the exception types and messages of torch.optim; backends fail loudly."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fused_adam
+from fused_adam import FusedAdam, FusedAdamW
+
+P = [torch.nn.Parameter(torch.randn(3))]
+BAD = [
+    dict(lr=-1e-3),
+    dict(eps=-1.0),
+    dict(betas=(1.0, 0.999)),
+    dict(betas=(0.9, -0.1)),
+    dict(weight_decay=-0.1),
+    dict(lr=torch.tensor([1e-3, 1e-3])),
+    dict(lr=torch.tensor(1e-3), foreach=True),
+    dict(betas=(0.9, torch.tensor(0.99))),
+    dict(fused=True, foreach=True),
+]
+
+
+def _raised(fn):
+    with pytest.raises(Exception) as info:
+        fn()
+    return type(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("ours_cls,ref_cls", [(FusedAdam, torch.optim.Adam), (FusedAdamW, torch.optim.AdamW)])
+@pytest.mark.parametrize("kwargs", BAD, ids=lambda k: ",".join(k))
+def test_invalid_arguments_raise_like_torch(ours_cls, ref_cls, kwargs):
+    assert _raised(lambda: ours_cls(P, **kwargs)) == _raised(lambda: ref_cls(P, **kwargs))
+
+
+@pytest.mark.parametrize("params", [
+    pytest.param(lambda: [{"params": P}, {"params": P}], id="param-in-two-groups"),
+    pytest.param(lambda: torch.randn(3), id="a-tensor"),
+    pytest.param(lambda: 3, id="not-iterable"),
+    pytest.param(lambda: [], id="empty"),
+])
+def test_invalid_params_raise_like_torch(params):
+    assert _raised(lambda: FusedAdamW(params())) == _raised(lambda: torch.optim.AdamW(params()))
+
+
+def test_param_twice_in_a_group_raises():
+    with pytest.warns(UserWarning, match="duplicate parameters"):  # torch only warns
+        with pytest.raises(ValueError, match="the same parameter twice"):
+            FusedAdamW(P + P)
+
+
+def test_tensor_lr_is_accepted():
+    params = [torch.nn.Parameter(torch.randn(5))]
+    ref_params = [torch.nn.Parameter(params[0].detach().clone())]
+    opt = FusedAdamW(params, lr=torch.tensor(0.01))
+    ref = torch.optim.AdamW(ref_params, lr=torch.tensor(0.01), foreach=False)
+    for o, p in ((opt, params), (ref, ref_params)):
+        p[0].grad = torch.ones(5)
+        o.step()
+    torch.testing.assert_close(params[0], ref_params[0], rtol=1e-6, atol=0)
+
+
+def test_unsupported_modes_raise():
+    with pytest.raises(RuntimeError, match="`fused` does not support `differentiable`"):
+        FusedAdam(P, differentiable=True)
+    with pytest.raises(NotImplementedError, match="capturable"):
+        FusedAdam(P, capturable=True)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="Invalid backend: 'cuda-magic'"):
+        FusedAdam(P, backend="cuda-magic")
+
+
+def test_unavailable_backend_says_why(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="backend 'triton' is unavailable on cpu: .*TRITON_INTERPRET"):
+        FusedAdam([torch.nn.Parameter(torch.randn(3))], backend="triton")
+
+
+def test_backend_env_override(monkeypatch):
+    params = [torch.nn.Parameter(torch.randn(3))]
+    opt = FusedAdam(params)
+    params[0].grad = torch.ones(3)
+    monkeypatch.setenv("FUSED_ADAM_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    before = params[0].detach().clone()
+    with pytest.raises(RuntimeError, match="backend 'triton' is unavailable"):
+        opt.step()
+    assert torch.equal(params[0], before) and not opt.state  # nothing changed
+    monkeypatch.setenv("FUSED_ADAM_BACKEND", "torch")
+    opt.step()
+    assert not torch.equal(params[0], before)
+
+
+def test_available_backends_on_cpu():
+    assert "torch" in fused_adam.available_backends("cpu")
+
+
+def test_import_without_triton():
+    """A broken triton install leaves the torch backend working and says why triton is out."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, fused_adam\n"
+            "from fused_adam import backends\n"
+            "assert fused_adam.available_backends('cpu') == ['torch']\n"
+            "print(backends.unavailable_reason('triton', torch.device('cuda')))\n"
+            "p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)\n"
+            "fused_adam.FusedAdam([p]).step()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "import failed" in out.stdout

@@ -1,0 +1,133 @@
+"""Flat buffers: views, grads in every zero_grad style, storage replaced under the optimizer."""
+import pytest
+import torch
+
+from conftest import CASES, assert_close, assert_optimizers_match, clone_params, make_params, set_grads
+from fused_adam import FusedAdamW
+from fused_adam.flat import ALIGN
+
+
+def _model(device, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(7, 33), torch.nn.ReLU(), torch.nn.Linear(33, 3),
+                               torch.nn.LayerNorm(3)).to(device)
+
+
+def _train(model, opt, steps, zero_grad, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 7, generator=gen).to(device)
+        zero_grad(model, opt)
+        model(x).square().mean().backward()
+        opt.step()
+
+
+ZERO_GRADS = {
+    "opt.zero_grad()": lambda model, opt: opt.zero_grad(),
+    "opt.zero_grad(set_to_none=False)": lambda model, opt: opt.zero_grad(set_to_none=False),
+    "model.zero_grad()": lambda model, opt: model.zero_grad(),
+}
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("zero_grad", list(ZERO_GRADS))
+def test_training_loop_matches_torch(device, backend, zero_grad):
+    model, ref_model = _model(device), _model(device)
+    opt = FusedAdamW(model.parameters(), lr=1e-2, backend=backend)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=False)
+    _train(model, opt, 8, ZERO_GRADS[zero_grad], device=device)
+    _train(ref_model, ref, 8, ZERO_GRADS[zero_grad], device=device)
+    assert_optimizers_match(opt, ref, backend, "training loop")
+    for (k, a), (_, b) in zip(model.state_dict().items(), ref_model.state_dict().items()):
+        assert_close(a, b, backend, k, "training loop")
+
+
+def test_params_and_grads_are_views_of_one_buffer():
+    model = _model("cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = FusedAdamW(model.parameters())
+    params = list(model.parameters())
+    base = params[0].untyped_storage().data_ptr()
+    assert all(p.untyped_storage().data_ptr() == base for p in params)
+    assert all((p.data_ptr() - base) % (ALIGN * 4) == 0 for p in params)
+    for k, v in model.state_dict().items():  # the model is unchanged
+        assert torch.equal(v, before[k]), k
+    _train(model, opt, 1, ZERO_GRADS["opt.zero_grad()"])
+    grads = [p.grad for p in params]
+    gbase = grads[0].untyped_storage().data_ptr()
+    assert all(g.untyped_storage().data_ptr() == gbase for g in grads)
+    # after zero_grad(set_to_none=False) autograd accumulates straight into the views
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in params)
+    model(torch.randn(4, 7)).sum().backward()
+    assert all(p.grad.untyped_storage().data_ptr() == gbase for p in params)
+
+
+def test_zero_grad_set_to_none_gives_none():
+    model = _model("cpu")
+    opt = FusedAdamW(model.parameters())
+    _train(model, opt, 2, ZERO_GRADS["opt.zero_grad()"])
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_assigned_grad_is_used():
+    params = make_params([(10,), (3, 4)], "cpu")
+    ref_params = clone_params(params)
+    opt, ref = FusedAdamW(params), torch.optim.AdamW(ref_params, foreach=False)
+    for step in range(4):
+        set_grads(params, ref_params, step)  # assigns fresh tensors every step
+        opt.step()
+        ref.step()
+    # and in-place writes into our grad views count too
+    for p, q in zip(params, ref_params):
+        p.grad.mul_(0.5)
+        q.grad.mul_(0.5)
+    opt.step()
+    ref.step()
+    assert_optimizers_match(opt, ref, "torch")
+
+
+@pytest.mark.parametrize("replace", ["p.data = clone", "model.double()", "model.to(dtype)"])
+def test_storage_replaced_after_construction(replace):
+    model, ref_model = _model("cpu"), _model("cpu")
+    opt = FusedAdamW(model.parameters(), lr=1e-2)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=False)
+    for m, o in ((model, opt), (ref_model, ref)):
+        _train(m, o, 3, ZERO_GRADS["opt.zero_grad()"])
+        with torch.no_grad():
+            if replace == "p.data = clone":
+                for p in m.parameters():
+                    p.data = p.data.clone() * 0.5
+            elif replace == "model.double()":
+                m.double()
+            else:
+                m.to(torch.float64)
+    if replace != "p.data = clone":  # torch.optim's states stay fp32: cast them like load_state_dict
+        ref.load_state_dict(ref.state_dict())
+    for m, o in ((model, opt), (ref_model, ref)):
+        gen = torch.Generator().manual_seed(9)
+        for _ in range(3):
+            o.zero_grad()
+            x = torch.randn(16, 7, generator=gen).to(next(m.parameters()).dtype)
+            m(x).square().mean().backward()
+            o.step()
+    for (k, a), (_, b) in zip(model.state_dict().items(), ref_model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)
+    for p in model.parameters():  # the step re-packed: params are views again, state follows
+        assert opt.state[p]["exp_avg"].dtype == p.dtype
+
+
+def test_sparse_grad_raises_and_changes_nothing():
+    params = make_params([(5,), (4, 3)], "cpu")
+    opt = FusedAdamW(params)
+    set_grads(params, clone_params(params), 0)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    state = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    set_grads(params, clone_params(params), 1)
+    params[1].grad = params[1].grad.to_sparse()
+    with pytest.raises(RuntimeError, match="Adam does not support sparse gradients"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(torch.equal(opt.state[params[0]][k], v) for k, v in state.items())
