@@ -1,0 +1,35 @@
+# make test   : set up .venv (torch 2.13.0 CPU wheel, triton, pytest, ninja) and run every test
+# make bench  : the benchmark on the best device here; table + JSON under bench/results/
+# make gpu-check : on a GPU box with its own torch/triton (no network, no venv): tests + benchmark
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+TRITON ?= triton==3.9.0
+
+.PHONY: test bench gpu-check clean
+
+# A python that already has torch (a GPU box) keeps it: the venv then sees system packages and
+# pip installs only what is missing, so an unpinned torch (a multi-GB CUDA build) is never pulled.
+$(VENV)/.ready: Makefile
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV); \
+	fi
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON)"
+	@$(PY) -c "import pytest, numpy, ninja" 2>/dev/null || $(PY) -m pip install -q pytest numpy ninja
+	@touch $@
+
+test: $(VENV)/.ready
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.ready
+	PYTHONPATH=. $(PY) bench/bench.py
+
+gpu-check:
+	PYTHONPATH=. $(PYTHON) bench/gpu_check.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
