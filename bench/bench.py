@@ -80,7 +80,7 @@ def bench_shapes(name, shapes, device, reps, warmup):
     timer = Timer(device)
     runs = {}
     for pname, make in providers(device).items():
-        params = [t.to(device).requires_grad_() for t in init]
+        params = [t.to(device, copy=True).requires_grad_() for t in init]
         for p, g in zip(params, grads):
             p.grad = g.to(device)
         opt = make(params)

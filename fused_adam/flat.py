@@ -43,7 +43,8 @@ class FlatBuffer:
     def __init__(self, params: list[torch.Tensor], amsgrad: bool):
         self.params = params
         self.amsgrad = amsgrad
-        self.device, dtype = buffer_key(params[0])
+        self.device, self.dtype = buffer_key(params[0])
+        dtype = self.dtype
         bounds = [0]
         for p in params:
             size = p.numel() * (2 if p.is_complex() else 1)

@@ -21,7 +21,7 @@ def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     lr, beta1, beta2, weight_decay = float(lr), float(beta1), float(beta2), float(weight_decay)
     bc1 = 1 - beta1**step if bias_correction else 1.0
     bc2 = 1 - beta2**step if bias_correction else 1.0
-    backends.resolve(backend, param.device)(
+    backends.resolve(backend, param.device, param.dtype)(
         param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
         decay=1 - lr * weight_decay, weight_decay=weight_decay, lerp_weight=1 - beta1,
         beta2=beta2, one_minus_beta2=1 - beta2, neg_step_size=-(lr / bc1),

@@ -12,7 +12,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import backends
-from .flat import GroupBuffers
+from .flat import GroupBuffers, buffer_key
 from .functional import adam_step_
 
 
@@ -45,13 +45,13 @@ class FusedAdam(Optimizer):
                         bias_correction=bias_correction, backend=backend)
         super().__init__(params, defaults)
         for group in self.param_groups:
-            for device in {p.device for p in group["params"]}:
-                self._check_backend(group["backend"], device)
+            for device, dtype in {buffer_key(p) for p in group["params"]}:
+                self._check_backend(group["backend"], device, dtype)
         self._sync_layout()
 
     @staticmethod
-    def _check_backend(name: str, device: torch.device) -> None:
-        backends.resolve(name, device)  # raises, with the reason, when `name` cannot run there
+    def _check_backend(name: str, device: torch.device, dtype: torch.dtype) -> None:
+        backends.resolve(name, device, dtype)  # raises, with the reason, when `name` can't run
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -118,7 +118,7 @@ class FusedAdam(Optimizer):
             for buf in group_buffers.buffers:
                 update = buf.plan(self.state, step_fn)
                 if update is not None:
-                    self._check_backend(group["backend"], buf.device)
+                    self._check_backend(group["backend"], buf.device, buf.dtype)
                     updates.append(update)
         for update in updates:
             update()

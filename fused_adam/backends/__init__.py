@@ -1,9 +1,12 @@
 """Backend registry: every backend module exposes the same two functions.
 
-    unavailable_reason(device: torch.device) -> str | None
+    unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None
     adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, decay, weight_decay,
                lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
                maximize, decoupled) -> None      # in place, one flat buffer
+
+Names: "torch" (reference, any device), "triton" (CUDA; CPU under TRITON_INTERPRET=1), "cpu" and
+"cuda" (the compiled extension in csrc/, see fused_adam._ext).
 
 `auto` picks the fastest available backend for a device and falls back silently; an explicit
 name that cannot run raises with the stored reason (the import error or the device mismatch).
@@ -18,9 +21,15 @@ import torch
 _MODULES = {
     "torch": "fused_adam.backends.torch_ref",
     "triton": "fused_adam.backends.triton_kernel",
+    "cpu": "fused_adam.backends.native",
+    "cuda": "fused_adam.backends.native",
 }
+# The dtypes the kernels (triton, cpu, cuda) step: they compute in fp32, so float64 goes to torch.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The extension's backends are named for the one device type each runs on.
+_DEVICE_TYPE = {"cpu": "cpu", "cuda": "cuda"}
 # Preference order for `auto`, per device type; "torch" runs everywhere.
-_AUTO = {"cuda": ("triton", "torch")}
+_AUTO = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 _loaded: dict[str, object] = {}
 _resolved: dict[tuple, object] = {}
 
@@ -41,38 +50,43 @@ def check_name(name: str) -> None:
         raise ValueError(f"Invalid backend: {name!r}; expected one of {', '.join(NAMES)}")
 
 
-def unavailable_reason(name: str, device: torch.device) -> str | None:
-    """None when `name` can step tensors on `device`, else why not."""
+def unavailable_reason(name: str, device: torch.device,
+                       dtype: torch.dtype = torch.float32) -> str | None:
+    """None when `name` can step `dtype` buffers on `device`, else why not."""
+    if _DEVICE_TYPE.get(name, device.type) != device.type:
+        return f"backend {name!r} steps {_DEVICE_TYPE[name]} tensors only"
     mod = _module(name)
     if isinstance(mod, Exception):
         return f"import failed: {type(mod).__name__}: {mod}"
-    return mod.unavailable_reason(device)
+    return mod.unavailable_reason(device, dtype)
 
 
-def available(device: torch.device | str = "cpu") -> list[str]:
-    """The explicit backend names that can run on `device`."""
+def available(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:
+    """The explicit backend names that can step `dtype` params on `device`."""
     device = torch.device(device)
-    return [n for n in _MODULES if unavailable_reason(n, device) is None]
+    return [n for n in _MODULES if unavailable_reason(n, device, dtype) is None]
 
 
-def resolve(name: str, device: torch.device):
-    """The step function of backend `name` for `device`; `auto` honours FUSED_ADAM_BACKEND."""
-    key = (name, device, os.environ.get("FUSED_ADAM_BACKEND"))
+def resolve(name: str, device: torch.device, dtype: torch.dtype):
+    """The step function of backend `name` for `dtype` buffers on `device`; `auto` honours
+    FUSED_ADAM_BACKEND."""
+    key = (name, device, dtype, os.environ.get("FUSED_ADAM_BACKEND"))
     fn = _resolved.get(key)
     if fn is None:
-        fn = _resolved[key] = _resolve(name, device)
+        fn = _resolved[key] = _resolve(name, device, dtype)
     return fn
 
 
-def _resolve(name: str, device: torch.device):
+def _resolve(name: str, device: torch.device, dtype: torch.dtype):
     if name == "auto":
         name = os.environ.get("FUSED_ADAM_BACKEND", "auto")
         check_name(name)
     if name == "auto":
         for candidate in _AUTO.get(device.type, ("torch",)):
-            if unavailable_reason(candidate, device) is None:
+            if unavailable_reason(candidate, device, dtype) is None:
                 return _module(candidate).adam_step_
-    reason = unavailable_reason(name, device)
+    reason = unavailable_reason(name, device, dtype)
     if reason is not None:
-        raise RuntimeError(f"fused_adam backend {name!r} is unavailable on {device}: {reason}")
+        raise RuntimeError(f"fused_adam backend {name!r} is unavailable for {dtype} on {device}: "
+                           f"{reason}")
     return _module(name).adam_step_

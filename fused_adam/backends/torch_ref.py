@@ -15,7 +15,7 @@ import torch
 _workspace = threading.local()
 
 
-def unavailable_reason(device: torch.device) -> str | None:
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import KERNEL_DTYPES
+
 # 1024 elements per program at 4 warps = 8 fp32 per thread = two 128-bit loads per tensor per
 # thread; a 16M-element buffer is 16K programs, ~120 waves on 132 SMs, so no tail effect.
 BLOCK = 1024
@@ -73,7 +75,9 @@ def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, n_elements, decay, weight
         tl.store(vmax_ptr + offs, vmax.to(vmax_ptr.dtype.element_ty), mask=mask)
 
 
-def unavailable_reason(device: torch.device) -> str | None:
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    if dtype not in KERNEL_DTYPES:
+        return f"the kernel computes in fp32 and steps {', '.join(map(str, KERNEL_DTYPES))} only"
     if device.type == "cuda":
         return None if torch.cuda.is_available() else "CUDA is not available"
     if device.type == "cpu":

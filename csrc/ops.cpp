@@ -1,0 +1,58 @@
+// Schema of `fused_adam::adam_step_` and the argument checks both device kernels share.
+#include "ops.h"
+
+namespace fused_adam {
+
+namespace {
+
+bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+}  // namespace
+
+AdamConfig check_and_pack(const at::Tensor& param, const at::Tensor& grad,
+                           const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                           const std::optional<at::Tensor>& max_exp_avg_sq, double decay,
+                           double weight_decay, double lerp_weight, double beta2,
+                           double one_minus_beta2, double neg_step_size, double bc2_sqrt,
+                           double eps, bool maximize, bool decoupled) {
+  TORCH_CHECK(is_float_type(param.scalar_type()),
+              "fused_adam: params must be float32, float16 or bfloat16, got ", param.scalar_type());
+  TORCH_CHECK(grad.scalar_type() == param.scalar_type() || grad.scalar_type() == at::kFloat,
+              "fused_adam: grads must have the param dtype or float32, got ", grad.scalar_type());
+  TORCH_CHECK(exp_avg.scalar_type() == param.scalar_type() || exp_avg.scalar_type() == at::kFloat,
+              "fused_adam: states must have the param dtype or float32, got ",
+              exp_avg.scalar_type());
+  std::vector<const at::Tensor*> all = {&param, &grad, &exp_avg, &exp_avg_sq};
+  if (max_exp_avg_sq) all.push_back(&*max_exp_avg_sq);
+  for (const at::Tensor* t : all) {
+    TORCH_CHECK(t->device() == param.device(), "fused_adam: all tensors must be on ",
+                param.device(), ", got one on ", t->device());
+    TORCH_CHECK(t->numel() == param.numel(), "fused_adam: all tensors must have ", param.numel(),
+                " elements, got ", t->numel());
+    TORCH_CHECK(t->is_contiguous(), "fused_adam: the kernels step contiguous buffers");
+    if (t != &param && t != &grad)
+      TORCH_CHECK(t->scalar_type() == exp_avg.scalar_type(),
+                  "fused_adam: all states must share one dtype");
+  }
+  const AdamScalars scalars{maximize ? -1.0f : 1.0f,          static_cast<float>(decay),
+                            static_cast<float>(weight_decay),   static_cast<float>(lerp_weight),
+                            static_cast<float>(beta2),          static_cast<float>(one_minus_beta2),
+                            static_cast<float>(neg_step_size),  static_cast<float>(bc2_sqrt),
+                            static_cast<float>(eps)};
+  const WeightDecay mode = weight_decay == 0.0 ? WeightDecay::kNone
+                           : decoupled         ? WeightDecay::kDecoupled
+                                               : WeightDecay::kL2;
+  return AdamConfig{scalars, mode};
+}
+
+}  // namespace fused_adam
+
+TORCH_LIBRARY(fused_adam, m) {
+  m.def(
+      "adam_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "Tensor(d!)? max_exp_avg_sq, *, float decay, float weight_decay, float lerp_weight, "
+      "float beta2, float one_minus_beta2, float neg_step_size, float bc2_sqrt, float eps, "
+      "bool maximize, bool decoupled) -> ()");
+}

@@ -1,0 +1,27 @@
+// The torch op `fused_adam::adam_step_`: its schema lives in ops.cpp, one kernel per device
+// (adam_cpu.cpp, ops_cuda.cpp). Shared here: argument checks and the host scalars.
+#pragma once
+
+#include <torch/library.h>
+
+#include <optional>
+
+#include "adam_math.h"
+
+namespace fused_adam {
+
+struct AdamConfig {
+  AdamScalars scalars;
+  WeightDecay weight_decay;
+};
+
+// Checks every tensor against the param (device, numel, contiguity, dtypes) and returns the
+// scalars rounded to fp32 with the weight-decay mode.
+AdamConfig check_and_pack(const at::Tensor& param, const at::Tensor& grad,
+                           const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                           const std::optional<at::Tensor>& max_exp_avg_sq, double decay,
+                           double weight_decay, double lerp_weight, double beta2,
+                           double one_minus_beta2, double neg_step_size, double bc2_sqrt,
+                           double eps, bool maximize, bool decoupled);
+
+}  // namespace fused_adam
