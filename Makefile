@@ -1,4 +1,5 @@
-# make test   : set up .venv (torch 2.13.0 CPU wheel, triton, pytest, ninja) and run every test
+# make test   : set up .venv (torch 2.13.0 CPU wheel, triton, pytest, ninja), build the extension
+#               (csrc/, into fused_adam/_C) and run every test
 # make bench  : the benchmark on the best device here; table + JSON under bench/results/
 # make gpu-check : on a GPU box with its own torch/triton (no network, no venv): tests + benchmark
 PYTHON ?= python3
@@ -22,10 +23,16 @@ $(VENV)/.ready: Makefile
 	@$(PY) -c "import pytest, numpy, ninja" 2>/dev/null || $(PY) -m pip install -q pytest numpy ninja
 	@touch $@
 
-test: $(VENV)/.ready
+# The extension is optional: a failed build leaves the package working (see `pip install -v .`).
+$(VENV)/.ext: $(VENV)/.ready setup.py fused_adam/_ext.py $(wildcard csrc/*)
+	$(PY) -m pip install -q -e . --no-build-isolation
+	@$(PY) -c "import importlib.util as u; print('fused_adam extension:', 'built' if u.find_spec('fused_adam._C') else 'not built (FUSED_ADAM_NO_EXT=1 or build failed)')"
+	@touch $@
+
+test: $(VENV)/.ext
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.ready
+bench: $(VENV)/.ext
 	PYTHONPATH=. $(PY) bench/bench.py
 
 gpu-check:

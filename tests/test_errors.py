@@ -1,4 +1,5 @@
 """Bad input: the exception types and messages of torch.optim; backends fail loudly."""
+import os
 import subprocess
 import sys
 
@@ -109,3 +110,18 @@ def test_import_without_triton():
             "fused_adam.FusedAdam([p]).step()\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "import failed" in out.stdout
+
+
+def test_no_ext_env_uses_the_torch_backend():
+    code = ("import torch, fused_adam\n"
+            "from fused_adam import backends\n"
+            "from fused_adam.backends import torch_ref\n"
+            "assert fused_adam.available_backends('cpu') == ['torch'], fused_adam.available_backends('cpu')\n"
+            "assert backends.resolve('auto', torch.device('cpu'), torch.float32) is torch_ref.adam_step_\n"
+            "print(backends.unavailable_reason('cpu', torch.device('cpu')))\n"
+            "p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)\n"
+            "fused_adam.FusedAdam([p]).step()\n")
+    env = dict(os.environ, FUSED_ADAM_NO_EXT="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "disabled by FUSED_ADAM_NO_EXT=1" in out.stdout

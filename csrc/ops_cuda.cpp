@@ -1,0 +1,47 @@
+// CUDA kernel registration of `fused_adam::adam_step_`: checks, then the raw-pointer launcher
+// of adam_cuda.cu on the current stream. Built only against a CUDA build of torch.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "adam_cuda.h"
+#include "ops.h"
+
+namespace fused_adam {
+namespace {
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "fused_adam: unsupported dtype ", t);
+  }
+}
+
+void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                    const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
+                    double decay, double weight_decay, double lerp_weight, double beta2,
+                    double one_minus_beta2, double neg_step_size, double bc2_sqrt, double eps,
+                    bool maximize, bool decoupled) {
+  const AdamConfig config = check_and_pack(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, decay,
+                                           weight_decay, lerp_weight, beta2, one_minus_beta2,
+                                           neg_step_size, bc2_sqrt, eps, maximize, decoupled);
+  const c10::cuda::CUDAGuard guard(param.device());
+  const AdamBuffers buffers{param.data_ptr(),
+                            grad.const_data_ptr(),
+                            exp_avg.data_ptr(),
+                            exp_avg_sq.data_ptr(),
+                            max_exp_avg_sq ? max_exp_avg_sq->data_ptr() : nullptr,
+                            param.numel(),
+                            to_dtype(param.scalar_type()),
+                            to_dtype(grad.scalar_type()),
+                            to_dtype(exp_avg.scalar_type())};
+  const cudaError_t err = launch_adam_cuda(buffers, config.scalars, config.weight_decay,
+                                           at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "fused_adam: CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+}  // namespace
+}  // namespace fused_adam
+
+TORCH_LIBRARY_IMPL(fused_adam, CUDA, m) { m.impl("adam_step_", &fused_adam::adam_step_cuda); }
