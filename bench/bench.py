@@ -106,6 +106,16 @@ def copy_gbps(device, reps):
     return 8 * src.numel() / t / 1e9
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device):
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -118,7 +128,7 @@ def environment(device):
     except Exception:  # noqa: BLE001 - reported, not needed
         triton_version = None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+        f"{_cpu_model()}, {torch.get_num_threads()} threads")
     return dict(device=name, device_type=device.type, torch=torch.__version__,
                 triton=triton_version, python=platform.python_version(), commit=commit,
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))

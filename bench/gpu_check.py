@@ -33,9 +33,14 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = bench.main(["--device", device, "--out", str(out)])
     table = (out / f"bench-{device}.md").read_text()
-    report = [f"# gpu-check report", "",
+    import fused_adam
+    from fused_adam import backends
+    reasons = {n: backends.unavailable_reason(n, torch.device(device)) for n in backends.NAMES[1:]}
+    report = ["# gpu-check report", "",
               f"- tests ({test_s:.0f} s): `{summary}` (exit {tests.returncode}; log in pytest.log)",
               f"- CUDA cases ran: {'yes' if device == 'cuda' else 'no: no GPU here'}",
+              f"- backends on {device}: {fused_adam.available_backends(device)}; unavailable: "
+              + (", ".join(f"{n} ({r})" for n, r in reasons.items() if r) or "none"),
               "", "## Benchmark", "", table]
     failed = [line for line in tests.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
     if failed:

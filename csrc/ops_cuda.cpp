@@ -1,6 +1,6 @@
 // CUDA kernel registration of `fused_adam::adam_step_`: checks, then the raw-pointer launcher
 // of adam_cuda.cu on the current stream. Built only against a CUDA build of torch.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "adam_cuda.h"
@@ -37,7 +37,7 @@ void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::T
                             to_dtype(grad.scalar_type()),
                             to_dtype(exp_avg.scalar_type())};
   const cudaError_t err = launch_adam_cuda(buffers, config.scalars, config.weight_decay,
-                                           at::cuda::getCurrentCUDAStream());
+                                           c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "fused_adam: CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
