@@ -57,8 +57,8 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
                    double one_minus_beta2, double neg_step_size, double bc2_sqrt, double eps,
                    bool maximize, bool decoupled) {
   const AdamConfig config = check_and_pack(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, decay,
-                                       weight_decay, lerp_weight, beta2, one_minus_beta2,
-                                       neg_step_size, bc2_sqrt, eps, maximize, decoupled);
+                                           weight_decay, lerp_weight, beta2, one_minus_beta2,
+                                           neg_step_size, bc2_sqrt, eps, maximize, decoupled);
   with_float_type(param.scalar_type(), [&](auto p_tag) {
     using P = decltype(p_tag);
     with_float_type(grad.scalar_type(), [&](auto g_tag) {

@@ -44,14 +44,13 @@ class FlatBuffer:
         self.params = params
         self.amsgrad = amsgrad
         self.device, self.dtype = buffer_key(params[0])
-        dtype = self.dtype
         bounds = [0]
         for p in params:
             size = p.numel() * (2 if p.is_complex() else 1)
             bounds.append(bounds[-1] + -(-size // ALIGN) * ALIGN)
         self.bounds = bounds  # segment i is [bounds[i], bounds[i + 1]), padding included
         self.total = bounds[-1]
-        make = lambda: torch.zeros(self.total, dtype=dtype, device=self.device)  # noqa: E731
+        make = lambda: torch.zeros(self.total, dtype=self.dtype, device=self.device)  # noqa: E731
         self.param, self.grad = make(), make()
         self.state = {k: make() for k in STATE_KEYS[: 3 if amsgrad else 2]}
         self.steps = torch.zeros(len(params), dtype=torch.float32)  # torch's `step`: fp32, CPU

@@ -14,7 +14,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in fused_adam.available_backends(d)]
 # Sizes around the kernel's block and a prime; under the interpreter each program runs in numpy,
 # so the large sizes stay out.
-SHAPES = [(), (1,), (BLOCK - 1,), (BLOCK + 1,), (7919,), (31, 17)]
+SHAPES = [(), (1,), (BLOCK - 1,), (BLOCK + 1,), (7919,), (31, 17), (0, 3)]
 
 # max |ours - reference| <= rtol * |reference| + atol, per tensor, after 20 steps.
 TOLERANCE = {

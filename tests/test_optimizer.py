@@ -162,4 +162,4 @@ def test_bias_correction_false(device, backend):
         torch.testing.assert_close(p.detach().double(), r, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ours.state[p]["exp_avg"].double(), m, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(ours.state[p]["exp_avg_sq"].double(), v, rtol=1e-5, atol=1e-9)
-    assert not torch.allclose(params[-1], corrected[-1], rtol=1e-3)  # the option changes the step
+    assert not torch.allclose(params[0], corrected[0], rtol=1e-3)  # the option changes the step
