@@ -163,3 +163,25 @@ def test_bias_correction_false(device, backend):
         torch.testing.assert_close(ours.state[p]["exp_avg"].double(), m, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(ours.state[p]["exp_avg_sq"].double(), v, rtol=1e-5, atol=1e-9)
     assert not torch.allclose(params[0], corrected[0], rtol=1e-3)  # the option changes the step
+
+
+def test_closure_named_params_and_hooks():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = FusedAdamW(model.named_parameters(), lr=1e-2)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    x = torch.randn(8, 4)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss.detach()
+
+    losses = [opt.step(closure).item() for _ in range(5)]
+    assert losses[-1] < losses[0] and calls == ["pre", "post"] * 5
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["param_names"] == ["weight", "bias"]
+    assert set(sd["state"]) == {0, 1} and float(sd["state"][0]["step"]) == 5.0
