@@ -62,6 +62,7 @@ class FlatBuffer:
                 p.data = view
         self.grad_ptrs = [g.data_ptr() for g in self.views["grad"]]
         self.initialized = [False] * len(params)
+        self.all_initialized = not params
 
     def adopt_state(self, state) -> None:
         """Make `state[p]` (whatever tensors it holds now) views of this buffer, values kept."""
@@ -82,6 +83,7 @@ class FlatBuffer:
                         s[key] = views[i]
                 if s:
                     s["step"] = self.steps[i]
+        self.all_initialized = all(self.initialized)
 
     def _init_state(self, i: int, state) -> None:
         # Segments of params never stepped are all zeros (adopt_state, or fresh from __init__).
@@ -126,11 +128,11 @@ class FlatBuffer:
             torch._foreach_copy_(views, [g for _, g in foreign])
             for (i, _), view in zip(foreign, views):
                 self.params[i].grad = view
-        indices = range(len(self.params)) if active is None else active
-        if not all(self.initialized[i] for i in indices):
-            for i in indices:
+        if not self.all_initialized:
+            for i in range(len(self.params)) if active is None else active:
                 if not self.initialized[i]:
                     self._init_state(i, state)
+            self.all_initialized = all(self.initialized)
         if active is None:
             self.steps.add_(1)
         else:
