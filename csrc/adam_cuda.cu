@@ -2,14 +2,14 @@
 //
 // Bytes per fp32 element: read p, g, m, v, write p, m, v = 28 B; ~20 flops, so the kernel is
 // memory-bound and only has to keep every param access 128 bits wide: a thread takes 16 bytes
-// of params (4 fp32 or 8 bf16/fp16). 8 fp32 per thread spilled on sm_80 with amsgrad (64
+// of params (N = 4 fp32 or 8 bf16/fp16). 8 fp32 per thread spilled on sm_80 with amsgrad (64
 // registers, ptxas -v). Offsets are int64 (buffers pass 2**31 elements).
-// Built with --fmad=false: the only FMAs are the ones adam_math.h names, so the bits equal the
-// CPU kernel's and the Triton kernel's.
+// Each operand's dtype is a kernel argument, switched on per access: the branch is uniform across
+// the grid, so it costs nothing next to the memory traffic and keeps 12 kernels instead of one
+// per dtype combination. Built with --fmad=false: the only FMAs are the ones adam_math.h names,
+// so the bits equal the CPU kernel's and the Triton kernel's.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-
-#include <type_traits>
 
 #include "adam_cuda.h"
 
@@ -18,34 +18,26 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename P>
-constexpr int kElems = 16 / sizeof(P);  // elements per thread: 16 bytes of params
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(x);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(x);
-  } else {
-    return x;
-  }
-}
-
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-// `vec`: every pointer is Pack-aligned (the launcher checks), so whole packs load as 128-bit
-// vectors; the buffer's ragged end and misaligned buffers take the element loop.
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ void from_float(float x, float& out) { out = x; }
+__device__ __forceinline__ void from_float(float x, __half& out) { out = __float2half_rn(x); }
+__device__ __forceinline__ void from_float(float x, __nv_bfloat16& out) {
+  out = __float2bfloat16_rn(x);
+}
+
+// `vec`: every pointer is Pack-aligned (the launcher checks), so whole packs move as vector
+// accesses; the buffer's ragged end and misaligned buffers take the element loop.
 template <typename T, int N>
-__device__ __forceinline__ void load(const T* ptr, int64_t base, int64_t n, bool vec,
-                                     float (&out)[N]) {
+__device__ __forceinline__ void load_as(const void* data, int64_t base, int64_t n, bool vec,
+                                        float (&out)[N]) {
+  const T* ptr = static_cast<const T*>(data);
   if (vec && base + N <= n) {
     const Pack<T, N> pack = *reinterpret_cast<const Pack<T, N>*>(ptr + base);
 #pragma unroll
@@ -57,87 +49,95 @@ __device__ __forceinline__ void load(const T* ptr, int64_t base, int64_t n, bool
 }
 
 template <typename T, int N>
-__device__ __forceinline__ void store(T* ptr, int64_t base, int64_t n, bool vec,
-                                      const float (&in)[N]) {
+__device__ __forceinline__ void store_as(void* data, int64_t base, int64_t n, bool vec,
+                                         const float (&in)[N]) {
+  T* ptr = static_cast<T*>(data);
   if (vec && base + N <= n) {
     Pack<T, N> pack;
 #pragma unroll
-    for (int i = 0; i < N; ++i) pack.v[i] = from_float<T>(in[i]);
+    for (int i = 0; i < N; ++i) from_float(in[i], pack.v[i]);
     *reinterpret_cast<Pack<T, N>*>(ptr + base) = pack;
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i)
-      if (base + i < n) ptr[base + i] = from_float<T>(in[i]);
+      if (base + i < n) from_float(in[i], ptr[base + i]);
   }
 }
 
-template <typename P, typename G, typename S, WeightDecay wd, bool amsgrad>
-__global__ void __launch_bounds__(kThreads)
-    adam_kernel(P* __restrict__ p, const G* __restrict__ g, S* __restrict__ m,
-                S* __restrict__ v, S* __restrict__ vmax, int64_t n, bool vec, AdamScalars s) {
-  constexpr int N = kElems<P>;
+template <int N>
+__device__ __forceinline__ void load(Operand o, int64_t base, int64_t n, bool vec,
+                                     float (&out)[N]) {
+  switch (o.dtype) {
+    case DType::kFloat32: return load_as<float, N>(o.data, base, n, vec, out);
+    case DType::kFloat16: return load_as<__half, N>(o.data, base, n, vec, out);
+    case DType::kBFloat16: return load_as<__nv_bfloat16, N>(o.data, base, n, vec, out);
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void store(Operand o, int64_t base, int64_t n, bool vec,
+                                      const float (&in)[N]) {
+  switch (o.dtype) {
+    case DType::kFloat32: return store_as<float, N>(o.data, base, n, vec, in);
+    case DType::kFloat16: return store_as<__half, N>(o.data, base, n, vec, in);
+    case DType::kBFloat16: return store_as<__nv_bfloat16, N>(o.data, base, n, vec, in);
+  }
+}
+
+template <int N, WeightDecay wd, bool amsgrad>
+__global__ void __launch_bounds__(kThreads) adam_kernel(AdamOperands o, bool vec, AdamScalars s) {
+  const int64_t n = o.numel;
   const int64_t base = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * N;
   if (base >= n) return;
+  // With a master copy the math updates the master; the param is its rounded image.
+  const Operand p = o.master.data ? o.master : o.param;
   float pf[N], gf[N], mf[N], vf[N], xf[N];
   load(p, base, n, vec, pf);
-  load(g, base, n, vec, gf);
-  load(m, base, n, vec, mf);
-  load(v, base, n, vec, vf);
-  if (amsgrad) load(vmax, base, n, vec, xf);
+  load(o.grad, base, n, vec, gf);
+  load(o.exp_avg, base, n, vec, mf);
+  load(o.exp_avg_sq, base, n, vec, vf);
+  if (amsgrad) load(o.max_exp_avg_sq, base, n, vec, xf);
 #pragma unroll
   for (int i = 0; i < N; ++i) adam_update<wd, amsgrad>(pf[i], gf[i], mf[i], vf[i], xf[i], s);
   store(p, base, n, vec, pf);
-  store(m, base, n, vec, mf);
-  store(v, base, n, vec, vf);
-  if (amsgrad) store(vmax, base, n, vec, xf);
+  store(o.exp_avg, base, n, vec, mf);
+  store(o.exp_avg_sq, base, n, vec, vf);
+  if (amsgrad) store(o.max_exp_avg_sq, base, n, vec, xf);
+  if (o.master.data) store(o.param, base, n, vec, pf);
 }
 
-template <typename Fn>
-void with_type(DType t, Fn&& fn) {
-  switch (t) {
-    case DType::kFloat32: return fn(float{});
-    case DType::kFloat16: return fn(__half{});
-    case DType::kBFloat16: return fn(__nv_bfloat16{});
+int element_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
+// Every present operand aligned for an N-element vector access of its own dtype.
+bool aligned(const AdamOperands& o, int n) {
+  for (const Operand* x : {&o.param, &o.grad, &o.exp_avg, &o.exp_avg_sq, &o.max_exp_avg_sq,
+                           &o.master}) {
+    if (x->data && reinterpret_cast<uintptr_t>(x->data) % (n * element_size(x->dtype)) != 0)
+      return false;
   }
+  return true;
 }
 
-bool aligned(const void* ptr, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+template <int N>
+cudaError_t launch(const AdamOperands& o, const AdamScalars& s, WeightDecay weight_decay,
+                   cudaStream_t stream) {
+  const int64_t per_block = static_cast<int64_t>(kThreads) * N;
+  const dim3 grid(static_cast<unsigned>((o.numel + per_block - 1) / per_block));
+  const bool vec = aligned(o, N);
+  dispatch_modes(weight_decay, o.max_exp_avg_sq.data != nullptr, [&](auto wd, auto amsgrad) {
+    adam_kernel<N, wd(), amsgrad()><<<grid, kThreads, 0, stream>>>(o, vec, s);
+  });
+  return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t launch_adam_cuda(const AdamBuffers& b, const AdamScalars& scalars,
+cudaError_t launch_adam_cuda(const AdamOperands& operands, const AdamScalars& scalars,
                              WeightDecay weight_decay, cudaStream_t stream) {
-  if (b.numel == 0) return cudaSuccess;
-  with_type(b.param_dtype, [&](auto p_tag) {
-    using P = std::decay_t<decltype(p_tag)>;  // decay: nvcc sees captured tags as references
-    with_type(b.grad_dtype, [&](auto g_tag) {
-      using G = std::decay_t<decltype(g_tag)>;
-      with_type(b.state_dtype, [&](auto s_tag) {
-        using S = std::decay_t<decltype(s_tag)>;
-        // ops.cpp admits only the param dtype or float32 for grads and states.
-        if constexpr ((std::is_same_v<G, P> || std::is_same_v<G, float>) &&
-                      (std::is_same_v<S, P> || std::is_same_v<S, float>)) {
-          constexpr int N = kElems<P>;
-          const bool vec = aligned(b.param, sizeof(Pack<P, N>)) &&
-                           aligned(b.grad, sizeof(Pack<G, N>)) &&
-                           aligned(b.exp_avg, sizeof(Pack<S, N>)) &&
-                           aligned(b.exp_avg_sq, sizeof(Pack<S, N>)) &&
-                           aligned(b.max_exp_avg_sq, sizeof(Pack<S, N>));
-          const int64_t per_block = static_cast<int64_t>(kThreads) * N;
-          const dim3 grid(static_cast<unsigned>((b.numel + per_block - 1) / per_block));
-          dispatch_modes(weight_decay, b.max_exp_avg_sq != nullptr, [&](auto wd, auto amsgrad) {
-            adam_kernel<P, G, S, wd(), amsgrad()><<<grid, kThreads, 0, stream>>>(
-                static_cast<P*>(b.param), static_cast<const G*>(b.grad),
-                static_cast<S*>(b.exp_avg), static_cast<S*>(b.exp_avg_sq),
-                static_cast<S*>(b.max_exp_avg_sq), b.numel, vec, scalars);
-          });
-        }
-      });
-    });
-  });
-  return cudaGetLastError();
+  if (operands.numel == 0) return cudaSuccess;
+  // 16 bytes of params per thread.
+  return element_size(operands.param.dtype) == 4 ? launch<4>(operands, scalars, weight_decay, stream)
+                                                 : launch<8>(operands, scalars, weight_decay, stream);
 }
 
 }  // namespace fused_adam

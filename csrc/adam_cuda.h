@@ -12,18 +12,18 @@ namespace fused_adam {
 
 enum class DType : int { kFloat32, kFloat16, kBFloat16 };
 
-struct AdamBuffers {
-  void* param;
-  const void* grad;
-  void* exp_avg;
-  void* exp_avg_sq;
-  void* max_exp_avg_sq;  // nullptr unless amsgrad
-  int64_t numel;
-  DType param_dtype, grad_dtype, state_dtype;  // grad and states: the param dtype or float32
+struct Operand {
+  void* data;  // nullptr: absent (max_exp_avg_sq without amsgrad, master without master weights)
+  DType dtype;
 };
 
-// Enqueues one step over the buffers on `stream` and returns the launch status.
-cudaError_t launch_adam_cuda(const AdamBuffers& buffers, const AdamScalars& scalars,
+struct AdamOperands {
+  Operand param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master;  // master: float32
+  int64_t numel;
+};
+
+// Enqueues one step over the operands on `stream` and returns the launch status.
+cudaError_t launch_adam_cuda(const AdamOperands& operands, const AdamScalars& scalars,
                              WeightDecay weight_decay, cudaStream_t stream);
 
 }  // namespace fused_adam

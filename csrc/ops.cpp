@@ -12,29 +12,26 @@ bool is_float_type(at::ScalarType t) {
 }  // namespace
 
 AdamConfig check_and_pack(const at::Tensor& param, const at::Tensor& grad,
-                           const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                           const std::optional<at::Tensor>& max_exp_avg_sq, double decay,
-                           double weight_decay, double lerp_weight, double beta2,
-                           double one_minus_beta2, double neg_step_size, double bc2_sqrt,
-                           double eps, bool maximize, bool decoupled) {
-  TORCH_CHECK(is_float_type(param.scalar_type()),
-              "fused_adam: params must be float32, float16 or bfloat16, got ", param.scalar_type());
-  TORCH_CHECK(grad.scalar_type() == param.scalar_type() || grad.scalar_type() == at::kFloat,
-              "fused_adam: grads must have the param dtype or float32, got ", grad.scalar_type());
-  TORCH_CHECK(exp_avg.scalar_type() == param.scalar_type() || exp_avg.scalar_type() == at::kFloat,
-              "fused_adam: states must have the param dtype or float32, got ",
-              exp_avg.scalar_type());
+                          const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                          const std::optional<at::Tensor>& max_exp_avg_sq,
+                          const std::optional<at::Tensor>& master, double decay,
+                          double weight_decay, double lerp_weight, double beta2,
+                          double one_minus_beta2, double neg_step_size, double bc2_sqrt,
+                          double eps, bool maximize, bool decoupled) {
   std::vector<const at::Tensor*> all = {&param, &grad, &exp_avg, &exp_avg_sq};
   if (max_exp_avg_sq) all.push_back(&*max_exp_avg_sq);
+  if (master) {
+    TORCH_CHECK(master->scalar_type() == at::kFloat, "fused_adam: the master copy must be float32");
+    all.push_back(&*master);
+  }
   for (const at::Tensor* t : all) {
+    TORCH_CHECK(is_float_type(t->scalar_type()),
+                "fused_adam: tensors must be float32, float16 or bfloat16, got ", t->scalar_type());
     TORCH_CHECK(t->device() == param.device(), "fused_adam: all tensors must be on ",
                 param.device(), ", got one on ", t->device());
     TORCH_CHECK(t->numel() == param.numel(), "fused_adam: all tensors must have ", param.numel(),
                 " elements, got ", t->numel());
     TORCH_CHECK(t->is_contiguous(), "fused_adam: the kernels step contiguous buffers");
-    if (t != &param && t != &grad)
-      TORCH_CHECK(t->scalar_type() == exp_avg.scalar_type(),
-                  "fused_adam: all states must share one dtype");
   }
   const AdamScalars scalars{maximize ? -1.0f : 1.0f,          static_cast<float>(decay),
                             static_cast<float>(weight_decay),   static_cast<float>(lerp_weight),
@@ -52,7 +49,7 @@ AdamConfig check_and_pack(const at::Tensor& param, const at::Tensor& grad,
 TORCH_LIBRARY(fused_adam, m) {
   m.def(
       "adam_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
-      "Tensor(d!)? max_exp_avg_sq, *, float decay, float weight_decay, float lerp_weight, "
-      "float beta2, float one_minus_beta2, float neg_step_size, float bc2_sqrt, float eps, "
-      "bool maximize, bool decoupled) -> ()");
+      "Tensor(d!)? max_exp_avg_sq, Tensor(e!)? master, *, float decay, float weight_decay, "
+      "float lerp_weight, float beta2, float one_minus_beta2, float neg_step_size, "
+      "float bc2_sqrt, float eps, bool maximize, bool decoupled) -> ()");
 }

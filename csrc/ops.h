@@ -15,11 +15,13 @@ struct AdamConfig {
   WeightDecay weight_decay;
 };
 
-// Checks every tensor against the param (device, numel, contiguity, dtypes) and returns the
-// scalars rounded to fp32 with the weight-decay mode.
+// Checks every tensor against the param (device, numel, contiguity, dtypes: each of
+// float32/float16/bfloat16, the master copy float32) and returns the scalars rounded to fp32
+// with the weight-decay mode.
 AdamConfig check_and_pack(const at::Tensor& param, const at::Tensor& grad,
                            const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                           const std::optional<at::Tensor>& max_exp_avg_sq, double decay,
+                           const std::optional<at::Tensor>& max_exp_avg_sq,
+                           const std::optional<at::Tensor>& master, double decay,
                            double weight_decay, double lerp_weight, double beta2,
                            double one_minus_beta2, double neg_step_size, double bc2_sqrt,
                            double eps, bool maximize, bool decoupled);

@@ -18,25 +18,28 @@ DType to_dtype(at::ScalarType t) {
   }
 }
 
+Operand operand(const at::Tensor& t) { return {t.data_ptr(), to_dtype(t.scalar_type())}; }
+
 void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                     const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
-                    double decay, double weight_decay, double lerp_weight, double beta2,
-                    double one_minus_beta2, double neg_step_size, double bc2_sqrt, double eps,
-                    bool maximize, bool decoupled) {
-  const AdamConfig config = check_and_pack(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, decay,
-                                           weight_decay, lerp_weight, beta2, one_minus_beta2,
-                                           neg_step_size, bc2_sqrt, eps, maximize, decoupled);
+                    const std::optional<at::Tensor>& master, double decay, double weight_decay,
+                    double lerp_weight, double beta2, double one_minus_beta2,
+                    double neg_step_size, double bc2_sqrt, double eps, bool maximize,
+                    bool decoupled) {
+  const AdamConfig config =
+      check_and_pack(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, decay, weight_decay,
+                     lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, maximize,
+                     decoupled);
   const c10::cuda::CUDAGuard guard(param.device());
-  const AdamBuffers buffers{param.data_ptr(),
-                            grad.const_data_ptr(),
-                            exp_avg.data_ptr(),
-                            exp_avg_sq.data_ptr(),
-                            max_exp_avg_sq ? max_exp_avg_sq->data_ptr() : nullptr,
-                            param.numel(),
-                            to_dtype(param.scalar_type()),
-                            to_dtype(grad.scalar_type()),
-                            to_dtype(exp_avg.scalar_type())};
-  const cudaError_t err = launch_adam_cuda(buffers, config.scalars, config.weight_decay,
+  const Operand absent{nullptr, DType::kFloat32};
+  const AdamOperands operands{operand(param),
+                              operand(grad),
+                              operand(exp_avg),
+                              operand(exp_avg_sq),
+                              max_exp_avg_sq ? operand(*max_exp_avg_sq) : absent,
+                              master ? operand(*master) : absent,
+                              param.numel()};
+  const cudaError_t err = launch_adam_cuda(operands, config.scalars, config.weight_decay,
                                            c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "fused_adam: CUDA kernel launch failed: ", cudaGetErrorString(err));
 }

@@ -7,9 +7,13 @@ views of the grad buffer (the case after the first step and `zero_grad(set_to_no
 used in place; any other grad (backward after `zero_grad()`, an assigned `p.grad`) is copied in
 and `p.grad` re-pointed to its view. `optimizer.state[p]` holds views too, in torch's layout, and
 `step` is a 0-dim view of one float32 CPU tensor per buffer, so counting steps is one op.
+States may have their own dtypes (`state_dtype`), and with `master_weights` a bf16/fp16 buffer
+keeps an fp32 master copy (`state[p]["master_param"]`) that the step updates.
 Complex params live in a real buffer as (re, im) pairs, which is what torch's Adam computes on.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -18,6 +22,8 @@ import torch
 # 16, so whole-buffer launches need no scalar tail.
 ALIGN = 16
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+MASTER_KEY = "master_param"  # the fp32 master copy of a bf16/fp16 param, in optimizer.state[p]
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 SPARSE_ERROR = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
 
@@ -37,12 +43,38 @@ def _view(flat: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
     return flat.as_strided(like.shape, stride, offset)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What a group's options decide about its buffers; a change re-packs them."""
+
+    amsgrad: bool = False
+    master_weights: bool = False
+    exp_avg_dtype: torch.dtype | None = None  # None: fp32 with master weights, else the param's
+    exp_avg_sq_dtype: torch.dtype | None = None  # max_exp_avg_sq follows it
+
+    @classmethod
+    def of(cls, group: dict) -> "Layout":
+        dtypes = group.get("state_dtype")
+        if not isinstance(dtypes, dict):
+            dtypes = {"exp_avg": dtypes, "exp_avg_sq": dtypes}
+        return cls(bool(group["amsgrad"]), bool(group.get("master_weights", False)),
+                   dtypes.get("exp_avg"), dtypes.get("exp_avg_sq"))
+
+    def state_dtype(self, key: str, param_dtype: torch.dtype) -> torch.dtype:
+        chosen = self.exp_avg_dtype if key == "exp_avg" else self.exp_avg_sq_dtype
+        if chosen is not None:
+            return chosen
+        return torch.float32 if self.has_master(param_dtype) else param_dtype
+
+    def has_master(self, param_dtype: torch.dtype) -> bool:
+        return self.master_weights and param_dtype in LOW_PRECISION
+
+
 class FlatBuffer:
     """The params of one group that share a device and dtype, packed with their grads and state."""
 
-    def __init__(self, params: list[torch.Tensor], amsgrad: bool):
+    def __init__(self, params: list[torch.Tensor], layout: Layout):
         self.params = params
-        self.amsgrad = amsgrad
         self.device, self.dtype = buffer_key(params[0])
         bounds = [0]
         for p in params:
@@ -50,9 +82,12 @@ class FlatBuffer:
             bounds.append(bounds[-1] + -(-size // ALIGN) * ALIGN)
         self.bounds = bounds  # segment i is [bounds[i], bounds[i + 1]), padding included
         self.total = bounds[-1]
-        make = lambda: torch.zeros(self.total, dtype=self.dtype, device=self.device)  # noqa: E731
-        self.param, self.grad = make(), make()
-        self.state = {k: make() for k in STATE_KEYS[: 3 if amsgrad else 2]}
+        make = lambda dtype: torch.zeros(self.total, dtype=dtype, device=self.device)  # noqa: E731
+        self.param, self.grad = make(self.dtype), make(self.dtype)
+        self.state = {k: make(layout.state_dtype(k, self.dtype))
+                      for k in STATE_KEYS[: 3 if layout.amsgrad else 2]}
+        if layout.has_master(self.dtype):
+            self.state[MASTER_KEY] = make(torch.float32)
         self.steps = torch.zeros(len(params), dtype=torch.float32)  # torch's `step`: fp32, CPU
         self.views = {name: [_view(flat, off, p) for off, p in zip(bounds, params)]
                       for name, flat in (("param", self.param), ("grad", self.grad), *self.state.items())}
@@ -77,6 +112,8 @@ class FlatBuffer:
                     if s and key in s:
                         if s[key] is not views[i]:
                             views[i].copy_(s[key])
+                    elif key == MASTER_KEY:
+                        views[i].copy_(self.views["param"][i])
                     else:
                         views[i].zero_()
                     if s:
@@ -86,7 +123,8 @@ class FlatBuffer:
         self.all_initialized = all(self.initialized)
 
     def _init_state(self, i: int, state) -> None:
-        # Segments of params never stepped are all zeros (adopt_state, or fresh from __init__).
+        # Segments of params never stepped are all zeros (adopt_state, or fresh from __init__),
+        # but for the master copy, which adopt_state filled from the param.
         s = state[self.params[i]]
         s["step"] = self.steps[i]
         for key in self.state:
@@ -139,10 +177,11 @@ class FlatBuffer:
             self.steps[active] += 1
         steps = self.steps.tolist()
         m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
-        vmax = self.state.get("max_exp_avg_sq")
+        vmax, master = self.state.get("max_exp_avg_sq"), self.state.get(MASTER_KEY)
         for start, end, step in self._runs(active, steps):
             step_fn(self.param[start:end], self.grad[start:end], m[start:end], v[start:end],
-                    None if vmax is None else vmax[start:end], step=step)
+                    None if vmax is None else vmax[start:end],
+                    None if master is None else master[start:end], step=step)
 
     def _runs(self, active, steps):
         """Maximal spans of consecutive active segments that share a step count: one span, the
@@ -175,19 +214,20 @@ class FlatBuffer:
 class GroupBuffers:
     """The flat buffers of one param group, and the check that they still hold its params."""
 
-    def __init__(self, params: list[torch.Tensor], amsgrad: bool, state):
+    def __init__(self, params: list[torch.Tensor], layout: Layout, state):
         by_key: dict[tuple, list[torch.Tensor]] = {}
         for p in params:
             by_key.setdefault(buffer_key(p), []).append(p)
-        self.buffers = [FlatBuffer(ps, amsgrad) for ps in by_key.values()]
+        self.buffers = [FlatBuffer(ps, layout) for ps in by_key.values()]
         for buf in self.buffers:
             buf.adopt_state(state)
-        self.amsgrad = amsgrad
+        self.layout = layout
         self.ids = [id(p) for p in params]
         self.ptrs = [p.data_ptr() for p in params]
 
-    def is_current(self, params: list[torch.Tensor], amsgrad: bool) -> bool:
-        """False when the group's params changed or one's storage was replaced (`model.half()`,
-        `model.to(...)`, `p.data = ...`): the buffers would then update a stale copy."""
-        return (amsgrad == self.amsgrad and list(map(id, params)) == self.ids
+    def is_current(self, params: list[torch.Tensor], layout: Layout) -> bool:
+        """False when the group's params or options changed or a param's storage was replaced
+        (`model.half()`, `model.to(...)`, `p.data = ...`): the buffers would then update a stale
+        copy."""
+        return (layout == self.layout and list(map(id, params)) == self.ids
                 and [p.data_ptr() for p in params] == self.ptrs)

@@ -7,12 +7,17 @@ from . import backends
 
 
 def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
-               exp_avg_sq: torch.Tensor, max_exp_avg_sq: torch.Tensor | None = None, *,
+               exp_avg_sq: torch.Tensor, max_exp_avg_sq: torch.Tensor | None = None,
+               master: torch.Tensor | None = None, *,
                step: float, lr: float, beta1: float, beta2: float, eps: float,
                weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
                maximize: bool = False, bias_correction: bool = True,
                backend: str = "auto") -> None:
     """Update `param`, `exp_avg`, `exp_avg_sq` (and `max_exp_avg_sq`, i.e. amsgrad) in place.
+
+    With `master` (an fp32 copy of a bf16/fp16 param) the math updates the master and the param
+    is written as its rounding. Math is fp32 whatever the tensors' dtypes; each result is rounded
+    once on store.
 
     `step` is the step count including this one (1 on the first step). The scalars are computed
     once here in double precision, as `_single_tensor_adam` computes them in Python; kernels
@@ -22,7 +27,7 @@ def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     bc1 = 1 - beta1**step if bias_correction else 1.0
     bc2 = 1 - beta2**step if bias_correction else 1.0
     backends.resolve(backend, param.device, param.dtype)(
-        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
+        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master,
         decay=1 - lr * weight_decay, weight_decay=weight_decay, lerp_weight=1 - beta1,
         beta2=beta2, one_minus_beta2=1 - beta2, neg_step_size=-(lr / bc1),
         bc2_sqrt=bc2**0.5, eps=float(eps), maximize=bool(maximize),

@@ -12,7 +12,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import backends
-from .flat import GroupBuffers, buffer_key
+from .flat import MASTER_KEY, GroupBuffers, Layout, buffer_key
 from .functional import adam_step_
 
 
@@ -22,6 +22,11 @@ class FusedAdam(Optimizer):
     Same arguments as `torch.optim.Adam`; `foreach` and `fused` are accepted for drop-in use and
     change nothing (the step is always fused). Extra keyword arguments:
       bias_correction: False drops Adam's bias correction (as apex and DeepSpeed allow).
+      master_weights: for bfloat16/float16 params keep an fp32 master copy in the optimizer
+        state; the step updates it and writes the param as its rounding.
+      state_dtype: dtype of exp_avg and exp_avg_sq (max_exp_avg_sq follows exp_avg_sq), or a
+        dict {"exp_avg": dtype, "exp_avg_sq": dtype}; default: the param dtype, as torch, or
+        float32 with master_weights.
       backend: "auto" (default), "triton" or "torch"; see `fused_adam.backends`.
     """
 
@@ -31,8 +36,9 @@ class FusedAdam(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
-                 bias_correction=True, backend="auto"):
+                 bias_correction=True, master_weights=False, state_dtype=None, backend="auto"):
         _check_hyperparameters(lr, betas, eps, weight_decay, foreach, fused)
+        _check_state_dtype(state_dtype)
         if differentiable:
             raise RuntimeError("`fused` does not support `differentiable`")
         if capturable:
@@ -42,7 +48,8 @@ class FusedAdam(Optimizer):
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=False, differentiable=False, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay,
-                        bias_correction=bias_correction, backend=backend)
+                        bias_correction=bias_correction, master_weights=bool(master_weights),
+                        state_dtype=state_dtype, backend=backend)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for device, dtype in {buffer_key(p) for p in group["params"]}:
@@ -57,11 +64,27 @@ class FusedAdam(Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:  # groups loaded from torch.optim lack our keys
             group.setdefault("bias_correction", True)
+            group.setdefault("master_weights", False)
+            group.setdefault("state_dtype", None)
             group.setdefault("backend", self.defaults.get("backend", "auto"))
             for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None),
                                ("capturable", False), ("differentiable", False),
                                ("fused", None), ("decoupled_weight_decay", False)):
                 group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict):
+        """torch's load, but state tensors keep the precision they were saved with: torch casts
+        every floating state to the param's dtype, which would round an fp32 master copy or fp32
+        states of a bf16 param to bf16. The flat buffers cast to their own dtypes instead."""
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in saved.get(saved_id, {}).items():
+                if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                    self.state[p][key] = value
+        self._sync_layout()  # copy into our buffers now: nothing aliases the loaded tensors
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -82,14 +105,15 @@ class FusedAdam(Optimizer):
         layout = self._layout
         del layout[len(self.param_groups):]
         for i, group in enumerate(self.param_groups):
-            if i == len(layout) or not layout[i].is_current(group["params"], group["amsgrad"]):
-                buffers = GroupBuffers(group["params"], group["amsgrad"], self.state)
+            options = Layout.of(group)
+            if i == len(layout) or not layout[i].is_current(group["params"], options):
+                buffers = GroupBuffers(group["params"], options, self.state)
                 layout[i:i + 1] = [buffers]
 
     def _layout_is_current(self) -> bool:
         return (self._layout is not None and self._layout_state is self.state
                 and len(self._layout) == len(self.param_groups)
-                and all(gb.is_current(g["params"], g["amsgrad"])
+                and all(gb.is_current(g["params"], Layout.of(g))
                         for g, gb in zip(self.param_groups, self._layout)))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -130,17 +154,31 @@ class FusedAdamW(FusedAdam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None, bias_correction=True, backend="auto"):
+                 differentiable=False, fused=None, bias_correction=True, master_weights=False,
+                 state_dtype=None, backend="auto"):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, bias_correction=bias_correction,
-                         backend=backend)
+                         master_weights=master_weights, state_dtype=state_dtype, backend=backend)
 
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:  # as torch.optim.AdamW: always decoupled
             group["decoupled_weight_decay"] = True
+
+
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_state_dtype(state_dtype) -> None:
+    chosen = state_dtype if isinstance(state_dtype, dict) else {"exp_avg": state_dtype}
+    unknown = set(chosen) - {"exp_avg", "exp_avg_sq"}
+    if unknown:
+        raise ValueError(f"state_dtype keys must be 'exp_avg' and/or 'exp_avg_sq', got {sorted(unknown)}")
+    for dtype in chosen.values():
+        if dtype is not None and dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {STATE_DTYPES} or None, got {dtype}")
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay, foreach, fused) -> None:

@@ -39,6 +39,14 @@ TOLERANCE = {
 }
 
 
+def skip_if_interpreted_bf16(device, backend, dtypes):
+    """triton 3.9's interpreter truncates fp32 -> bf16 instead of rounding to nearest even (see
+    test_kernels_agree.py, where that is an expected failure); bf16 results of the interpreted
+    kernel are not what a GPU computes, so tests of bf16 storage skip it."""
+    if backend == "triton" and device == "cpu" and torch.bfloat16 in dtypes:
+        pytest.skip("the Triton interpreter truncates to bf16")
+
+
 def assert_close(actual, expected, backend, what="", key=None):
     tol = TOLERANCE[(backend, key or (torch.float32 if expected.is_complex() else expected.dtype))]
     torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=tol["atol"],
@@ -70,11 +78,12 @@ def clone_params(params):
 
 
 def set_grads(params_a, params_b, step, skip=()):
-    """Give both param lists the same fresh gradients; params whose index is in `skip` get None."""
+    """Give both param lists the same fresh gradients (drawn in a's dtype, then cast to b's);
+    params whose index is in `skip` get None."""
     gen = torch.Generator().manual_seed(1000 + step)
     for i, (a, b) in enumerate(zip(params_a, params_b, strict=True)):
         if i in skip:
             a.grad = b.grad = None
             continue
         g = torch.randn(a.shape, generator=gen, dtype=a.dtype).to(a.device)
-        a.grad, b.grad = g.clone(), g.clone()
+        a.grad, b.grad = g.clone(), g.to(b.dtype, copy=True)

@@ -14,9 +14,9 @@ NVCC = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nv
                                 if os.environ.get("CUDA_HOME") else None)
 pytestmark = pytest.mark.skipif(NVCC is None or not os.path.exists(NVCC), reason="no nvcc")
 FLAGS = ["-O3", "--fmad=false", "-std=c++17", f"-I{CSRC}"]
-# 3 param dtypes x (grad: param dtype or fp32) x (states: param dtype or fp32), fp32 counted once,
-# x 3 weight-decay modes x amsgrad on/off.
-KERNELS_PER_ARCH = (1 + 2 * 4) * 3 * 2
+# dtypes are run-time arguments: 2 vector widths (16 bytes of 4- or 2-byte params) x 3
+# weight-decay modes x amsgrad on/off.
+KERNELS_PER_ARCH = 2 * 3 * 2
 
 
 def test_kernels_compile_without_spills(tmp_path):
@@ -38,10 +38,12 @@ def test_fp32_kernel_is_vectorized(tmp_path):
     subprocess.run([NVCC, *FLAGS, "-arch=sm_90", "-ptx", str(CSRC / "adam_cuda.cu"), "-o",
                     str(ptx_path)], check=True, capture_output=True)
     entries = re.split(r"\.entry ", ptx_path.read_text())[1:]
-    # adam_kernel<float, float, float, WeightDecay::kDecoupled, amsgrad=false>
-    (body,) = [e for e in entries if e.startswith("_ZN10fused_adam") and "adam_kernelIfffLNS_11WeightDecayE2ELb0E" in e.split("(")[0]]
-    assert len(re.findall(r"ld\.global(\.nc)?\.v4\.f32", body)) == 4  # p, g, m, v
-    assert len(re.findall(r"st\.global\.v4\.f32", body)) == 3  # p, m, v
+    # adam_kernel<N=4 (fp32 params), WeightDecay::kDecoupled, amsgrad=false>
+    (body,) = [e for e in entries if "adam_kernelILi4ELNS_11WeightDecayE2ELb0E" in e.split("(")[0]]
+    # fp32 operands move as 128-bit vectors, 16-bit ones as 64-bit (ptxas may share one access
+    # between operands' identical dtype paths, so the count is not one per tensor)
+    assert re.search(r"ld\.global(\.nc)?\.v4\.f32", body) and re.search(r"st\.global\.v4\.f32", body)
+    assert re.search(r"ld\.global(\.nc)?\.v4\.u16", body) and re.search(r"st\.global\.v4\.u16", body)
     assert "fma.rn.f32" in body and "sqrt.rn.f32" in body and "div.rn.f32" in body
     assert "mul.wide" in body or "cvt.s64" in body or "cvt.u64" in body  # 64-bit offsets
 

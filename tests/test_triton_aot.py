@@ -13,20 +13,28 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from fused_adam.backends.triton_kernel import BLOCK, NUM_WARPS, _adam_kernel  # noqa: E402
 
-POINTERS = ("p_ptr", "g_ptr", "m_ptr", "v_ptr", "vmax_ptr")
+POINTERS = ("p_ptr", "g_ptr", "m_ptr", "v_ptr", "vmax_ptr", "w_ptr")
 SCALARS = ("decay", "weight_decay", "lerp_weight", "beta2", "one_minus_beta2", "neg_step_size",
            "bc2_sqrt", "eps")
 MODES = {
-    "plain": dict(MAXIMIZE=False, WEIGHT_DECAY=False, DECOUPLED=False, AMSGRAD=False),
-    "adamw-amsgrad": dict(MAXIMIZE=False, WEIGHT_DECAY=True, DECOUPLED=True, AMSGRAD=True),
-    "adam-l2-maximize": dict(MAXIMIZE=True, WEIGHT_DECAY=True, DECOUPLED=False, AMSGRAD=False),
+    "plain": dict(MAXIMIZE=False, WEIGHT_DECAY=False, DECOUPLED=False, AMSGRAD=False, MASTER=False),
+    "adamw-amsgrad": dict(MAXIMIZE=False, WEIGHT_DECAY=True, DECOUPLED=True, AMSGRAD=True,
+                          MASTER=False),
+    "adam-l2-maximize": dict(MAXIMIZE=True, WEIGHT_DECAY=True, DECOUPLED=False, AMSGRAD=False,
+                             MASTER=False),
+    # bf16 params and grads, fp32 states and master copy
+    "bf16-master": dict(MAXIMIZE=False, WEIGHT_DECAY=True, DECOUPLED=True, AMSGRAD=False,
+                        MASTER=True),
 }
+BF16 = {"p_ptr", "g_ptr"}
 
 
 def _compile(arch, mode):
     names = _adam_kernel.arg_names
     constexprs = dict(MODES[mode], BLOCK=BLOCK)
-    signature = {n: "*fp32" for n in POINTERS} | {"n_elements": "i64"} | {n: "fp32" for n in SCALARS}
+    low = BF16 if MODES[mode]["MASTER"] else set()
+    signature = {n: "*bf16" if n in low else "*fp32" for n in POINTERS}
+    signature |= {"n_elements": "i64"} | {n: "fp32" for n in SCALARS}
     signature |= {n: "constexpr" for n in constexprs}
     # What the launcher's specialization sees for flat buffers: 16-aligned pointers and lengths.
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in (*POINTERS, "n_elements")}
@@ -49,10 +57,15 @@ def _ptxas(arch):
 def test_ptx_is_vectorized_and_exact(arch, mode, tmp_path):
     kernel = _compile(arch, mode)
     ptx = kernel.asm["ptx"]
-    tensors_read = 5 if MODES[mode]["AMSGRAD"] else 4
-    per_thread = BLOCK // (NUM_WARPS * 32) // 4  # 128-bit accesses per thread per tensor
-    assert ptx.count("ld.global.v4.b32") == tensors_read * per_thread
-    assert ptx.count("st.global.v4.b32") == (tensors_read - 1) * per_thread
+    per_thread = BLOCK // (NUM_WARPS * 32) // 4  # 128-bit accesses per thread per fp32 tensor
+    if MODES[mode]["MASTER"]:
+        # fp32 w, m, v: 2 x 128 bits per thread each; bf16 p (store) and g (load): 1 each
+        assert ptx.count("ld.global.v4.b32") == 3 * per_thread + per_thread // 2
+        assert ptx.count("st.global.v4.b32") == 3 * per_thread + per_thread // 2
+    else:
+        tensors_read = 5 if MODES[mode]["AMSGRAD"] else 4  # p, g, m, v [, vmax]
+        assert ptx.count("ld.global.v4.b32") == tensors_read * per_thread
+        assert ptx.count("st.global.v4.b32") == (tensors_read - 1) * per_thread
     assert not re.search(r"ld\.global\.(b32|f32)\b", ptx), "scalar loads: alignment lost"
     assert re.search(r"mul\.wide\.u32\s+%rd\d+, %r\d+, " + str(BLOCK), ptx), "offsets not 64-bit"
     assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx

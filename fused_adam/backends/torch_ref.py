@@ -2,9 +2,13 @@
 
 It is the oracle the kernels are tested against and the CPU fallback. On CPU each op below is
 a multi-threaded vectorized ATen kernel, so one call per flat buffer replaces torch's per-tensor
-loop. The one temporary (the effective grad, then the denominator) lives in a workspace that is
-kept per device: a fresh 64 MB tensor per step costs page faults on every call (glibc hands blocks
-over 32 MB back to the kernel), about 5 ms of a 16M-element step on the 2-core CI machine.
+loop. Temporaries live in workspaces kept per device: a fresh 64 MB tensor per step costs page
+faults on every call (glibc hands blocks over 32 MB back to the kernel), about 5 ms of a
+16M-element step on the 2-core CI machine.
+
+When every tensor is fp32 (or every one float64) the ops run on them directly: bit-identical to
+torch.optim. Any other mix (bf16/fp16 params, grads or states, an fp32 master copy) runs the same
+ops on fp32 copies and rounds each result once on the way back, which is the kernels' contract.
 """
 from __future__ import annotations
 
@@ -19,19 +23,38 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def _scratch(like: torch.Tensor) -> torch.Tensor:
-    key = (like.device, like.dtype)
+def _scratch(like: torch.Tensor, slot: int, dtype: torch.dtype) -> torch.Tensor:
+    key = (like.device, dtype, slot)
     cache = _workspace.__dict__.setdefault("buffers", {})
     buf = cache.get(key)
     if buf is None or buf.numel() < like.numel():
-        buf = cache[key] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+        buf = cache[key] = torch.empty(like.numel(), dtype=dtype, device=like.device)
     return buf[: like.numel()].view_as(like)
 
 
-def adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, decay, weight_decay,
+def adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, *, decay, weight_decay,
                lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
                maximize, decoupled):
-    tmp = _scratch(param)
+    scalars = dict(decay=decay, weight_decay=weight_decay, lerp_weight=lerp_weight, beta2=beta2,
+                   one_minus_beta2=one_minus_beta2, neg_step_size=neg_step_size,
+                   bc2_sqrt=bc2_sqrt, eps=eps, maximize=maximize, decoupled=decoupled)
+    tensors = [param, grad, exp_avg, exp_avg_sq] + ([] if max_exp_avg_sq is None else [max_exp_avg_sq])
+    if master is None and len({t.dtype for t in tensors}) == 1 and param.dtype in (torch.float32, torch.float64):
+        return _adam_ops(*tensors[:4], max_exp_avg_sq, **scalars)
+    # fp32 working copies (slot 0 is _adam_ops' own temporary); the master copy is the param.
+    work = [master if master is not None and i == 0 else
+            t if t.dtype == torch.float32 else _scratch(t, i + 1, torch.float32).copy_(t)
+            for i, t in enumerate(tensors)]
+    _adam_ops(*work[:4], work[4] if max_exp_avg_sq is not None else None, **scalars)
+    for dst, src in zip(tensors, work):
+        if dst is not src and dst is not grad:
+            dst.copy_(src)  # rounds to nearest even, once
+
+
+def _adam_ops(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, decay, weight_decay,
+              lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, maximize,
+              decoupled):
+    tmp = _scratch(param, 0, param.dtype)
     if maximize:
         grad = torch.neg(grad, out=tmp)
     if weight_decay != 0:

@@ -51,14 +51,18 @@ def _adam_math(p, g, m, v, vmax, decay, weight_decay, lerp_weight, beta2, one_mi
 
 
 @triton.jit
-def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, n_elements, decay, weight_decay,
+def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, n_elements, decay, weight_decay,
                  lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
                  MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr,
-                 AMSGRAD: tl.constexpr, BLOCK: tl.constexpr):
+                 AMSGRAD: tl.constexpr, MASTER: tl.constexpr, BLOCK: tl.constexpr):
     # int64 offsets: flat buffers of large models pass 2**31 elements.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
-    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    # With a master copy (w, fp32) the math updates the master; the param is its rounded image.
+    if MASTER:
+        p = tl.load(w_ptr + offs, mask=mask)
+    else:
+        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
@@ -68,6 +72,8 @@ def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, n_elements, decay, weight
     p, m, v, vmax = _adam_math(p, g, m, v, vmax, decay, weight_decay, lerp_weight, beta2,
                                one_minus_beta2, neg_step_size, bc2_sqrt, eps, MAXIMIZE,
                                WEIGHT_DECAY, DECOUPLED, AMSGRAD)
+    if MASTER:
+        tl.store(w_ptr + offs, p, mask=mask)
     tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
     tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
     tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
@@ -87,10 +93,11 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return f"Triton does not run on {device.type} tensors"
 
 
-def adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, decay, weight_decay,
+def adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, *, decay, weight_decay,
                lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
                maximize, decoupled):
-    tensors = (param, grad, exp_avg, exp_avg_sq) + (() if max_exp_avg_sq is None else (max_exp_avg_sq,))
+    tensors = tuple(t for t in (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master)
+                    if t is not None)
     if not all(t.is_contiguous() and t.numel() == param.numel() for t in tensors):
         raise ValueError("the triton backend steps contiguous buffers of equal size")
     n = param.numel()
@@ -98,7 +105,8 @@ def adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, decay, weigh
         return
     amsgrad = max_exp_avg_sq is not None
     _adam_kernel[(triton.cdiv(n, BLOCK),)](
-        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else exp_avg_sq, n,
+        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else exp_avg_sq,
+        param if master is None else master, n,
         decay, weight_decay, lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
         MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0, DECOUPLED=decoupled, AMSGRAD=amsgrad,
-        BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+        MASTER=master is not None, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)

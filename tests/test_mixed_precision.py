@@ -1,0 +1,127 @@
+"""bf16/fp16 params, fp32 master weights, per-state dtypes: every backend against an fp64 run."""
+import io
+
+import pytest
+import torch
+
+from conftest import CASES, make_params, set_grads, skip_if_interpreted_bf16
+from fused_adam import FusedAdamW
+
+BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+STEPS, LR = 20, 1e-2
+
+# max |ours - fp64 reference| / max |reference| after STEPS steps, per tensor, by what is stored
+# in low precision. Reasons: fp32 rounds each op (~1e-7 per step); a bf16 param keeps 8 bits, so
+# every step rounds the update to 2**-8 of the param (20 steps: a few 1e-3); fp16 keeps 11
+# bits; bf16 moments round m and v to 2**-8 relative each step, and the update m/sqrt(v) inherits
+# ~1e-2 of that per step, on an update of LR.
+TOLERANCE = {
+    "fp32": 1e-5,
+    "bf16 params": 3e-2,
+    "fp16 params": 4e-3,
+    "bf16 states": 5e-3,
+}
+
+CONFIGS = {  # name: (param dtype, optimizer options, tolerance of params, of the master copy)
+    "fp32": (F32, {}, "fp32", None),
+    "bf16": (BF16, {}, "bf16 params", None),
+    "bf16+master": (BF16, dict(master_weights=True), "bf16 params", "fp32"),
+    "fp16+master": (F16, dict(master_weights=True), "fp16 params", "fp32"),
+    "fp32+bf16 states": (F32, dict(state_dtype=BF16), "bf16 states", None),
+    "bf16+master+bf16 m": (BF16, dict(master_weights=True, state_dtype={"exp_avg": BF16}),
+                           "bf16 params", "bf16 states"),
+}
+SHAPES = [(1025,), (7, 13), ()]
+
+
+def _relative(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+def _run(params, opt, reference, ref_opt):
+    for step in range(STEPS):
+        set_grads(params, reference, step)  # the same (param-dtype) grads for both
+        opt.step()
+        ref_opt.step()
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_against_fp64(device, backend, config):
+    dtype, options, tol_key, master_tol_key = CONFIGS[config]
+    state_dtype = options.get("state_dtype")
+    skip_if_interpreted_bf16(device, backend, [dtype, *(state_dtype.values() if isinstance(
+        state_dtype, dict) else [state_dtype])])
+    params = make_params(SHAPES, device, dtype=dtype)
+    reference = [p.detach().double().requires_grad_() for p in params]
+    opt = FusedAdamW(params, lr=LR, backend=backend, **options)
+    ref_opt = torch.optim.AdamW(reference, lr=LR, foreach=False)
+    _run(params, opt, reference, ref_opt)
+    for p, r in zip(params, reference):
+        assert p.dtype == dtype
+        assert _relative(p, r) <= TOLERANCE[tol_key], (config, _relative(p, r))
+        state = opt.state[p]
+        assert ("master_param" in state) == (master_tol_key is not None)
+        if master_tol_key:
+            assert state["master_param"].dtype == F32
+            assert torch.equal(state["master_param"].to(dtype), p.detach())
+            assert _relative(state["master_param"], r) <= TOLERANCE[master_tol_key]
+        expected_m = options.get("state_dtype", {}).get("exp_avg") if isinstance(
+            options.get("state_dtype"), dict) else options.get("state_dtype")
+        default = F32 if options.get("master_weights") else dtype
+        assert state["exp_avg"].dtype == (expected_m or default)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_master_weights_track_an_fp32_run(device, backend):
+    """bf16 params with an fp32 master, fed bf16 grads, step the master exactly as an fp32 run on
+    the same values steps its params: the same kernel on the same fp32 numbers."""
+    skip_if_interpreted_bf16(device, backend, [BF16])
+    params = make_params(SHAPES, device, dtype=BF16)
+    fp32 = [p.detach().float().requires_grad_() for p in params]
+    opt = FusedAdamW(params, lr=LR, master_weights=True, backend=backend)
+    ref = FusedAdamW(fp32, lr=LR, backend=backend)
+    for step in range(STEPS):
+        set_grads(params, fp32, step)  # bf16 grads, and their exact fp32 values
+        opt.step()
+        ref.step()
+    for p, q in zip(params, fp32):
+        torch.testing.assert_close(opt.state[p]["master_param"], q.detach(), rtol=1e-6, atol=1e-7)
+        assert torch.equal(p.detach(), q.detach().to(BF16))
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_master_and_fp32_states_survive_a_checkpoint(device, backend):
+    skip_if_interpreted_bf16(device, backend, [BF16])
+    params = make_params(SHAPES, device, dtype=BF16)
+    opt = FusedAdamW(params, lr=LR, master_weights=True, backend=backend)
+    for step in range(3):
+        set_grads(params, [p.detach().clone() for p in params], step)
+        opt.step()
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    resumed = [p.clone().requires_grad_() for p in ckpt["params"]]
+    opt2 = FusedAdamW(resumed, lr=LR, backend=backend)  # options come from the checkpoint
+    opt2.load_state_dict(ckpt["opt"])
+    assert opt2.param_groups[0]["master_weights"]
+    for p, q in zip(params, resumed):
+        for key, value in opt.state[p].items():
+            assert value.dtype == opt2.state[q][key].dtype and torch.equal(value, opt2.state[q][key]), key
+    for step in range(3, 6):
+        set_grads(params, resumed, step)
+        opt.step()
+        opt2.step()
+    for p, q in zip(params, resumed):
+        assert torch.equal(p, q) and torch.equal(opt.state[p]["master_param"], opt2.state[q]["master_param"])
+    # and torch.optim.AdamW loads it (casting states to bf16 and keeping the extra key)
+    torch.optim.AdamW([p.detach().clone().requires_grad_() for p in params]).load_state_dict(opt.state_dict())
+
+
+def test_state_dtype_is_checked():
+    p = [torch.nn.Parameter(torch.randn(3))]
+    with pytest.raises(ValueError, match="state_dtype must be one of"):
+        FusedAdamW(p, state_dtype=torch.int8)
+    with pytest.raises(ValueError, match="state_dtype keys"):
+        FusedAdamW(p, state_dtype={"momentum": torch.bfloat16})
