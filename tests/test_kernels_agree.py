@@ -23,6 +23,20 @@ DTYPES = [  # (param, grad, exp_avg, exp_avg_sq, master copy)
 MODES = list(itertools.product([False, True], [0.0, 0.1], [False, True], [False, True]))
 
 
+NAMES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")
+N = 4099  # not a multiple of any vector width or block
+
+
+def _inputs(dtypes, gen):
+    """param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq and an fp32 master copy of the param."""
+    p_dtype, g_dtype, m_dtype, v_dtype, _ = dtypes
+    master = torch.randn(N, generator=gen)
+    return [master.to(p_dtype), torch.randn(N, generator=gen).to(g_dtype),
+            (torch.randn(N, generator=gen) * 0.1).to(m_dtype),
+            (torch.rand(N, generator=gen) * 0.01).to(v_dtype),
+            (torch.rand(N, generator=gen) * 0.02).to(v_dtype), master]
+
+
 def _device(backend):
     return "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
 
@@ -39,15 +53,10 @@ def test_kernels_agree_bitwise(pair, dtypes, request):
         # 1.015625), ignoring fp_downcast_rounding; compiled kernels round to nearest even.
         # The bf16 paths of the CPU kernel are checked against the reference below.
         request.applymarker(pytest.mark.xfail(strict=True, reason="interpreter truncates to bf16"))
-    p_dtype, g_dtype, m_dtype, v_dtype, with_master = dtypes
+    with_master = dtypes[4]
     gen = torch.Generator().manual_seed(0)
-    n = 4099  # not a multiple of any vector width or block
     for maximize, wd, decoupled, amsgrad in MODES:
-        master = torch.randn(n, generator=gen)
-        base = [master.to(p_dtype), torch.randn(n, generator=gen).to(g_dtype),
-                (torch.randn(n, generator=gen) * 0.1).to(m_dtype),
-                (torch.rand(n, generator=gen) * 0.01).to(v_dtype),
-                (torch.rand(n, generator=gen) * 0.02).to(v_dtype), master]
+        base = _inputs(dtypes, gen)
         results = []
         for backend in pair:
             ts = [t.to(_device(backend), copy=True) for t in base]
@@ -56,8 +65,7 @@ def test_kernels_agree_bitwise(pair, dtypes, request):
                            step=step, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=wd,
                            decoupled_weight_decay=decoupled, maximize=maximize, backend=backend)
             results.append([t.cpu() for t in ts])
-        names = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")
-        for name, a, b in zip(names, *results):
+        for name, a, b in zip(NAMES, *results):
             assert torch.equal(a, b), (f"{pair} differ in {name} for maximize={maximize} wd={wd} "
                                        f"decoupled={decoupled} amsgrad={amsgrad}")
 
@@ -70,14 +78,8 @@ def test_cpu_kernel_matches_reference_on_mixed_dtypes(dtypes):
     dtype."""
     if "cpu" not in fused_adam.available_backends("cpu"):
         pytest.skip("the CPU extension is not available here")
-    p_dtype, g_dtype, m_dtype, v_dtype, with_master = dtypes
-    gen = torch.Generator().manual_seed(1)
-    n = 4099
-    master = torch.randn(n, generator=gen)
-    base = [master.to(p_dtype), torch.randn(n, generator=gen).to(g_dtype),
-            (torch.randn(n, generator=gen) * 0.1).to(m_dtype),
-            (torch.rand(n, generator=gen) * 0.01).to(v_dtype),
-            (torch.rand(n, generator=gen) * 0.02).to(v_dtype), master]
+    with_master = dtypes[4]
+    base = _inputs(dtypes, torch.Generator().manual_seed(1))
     results = []
     for backend in ("torch", "cpu"):
         ts = [t.clone() for t in base]
@@ -86,7 +88,6 @@ def test_cpu_kernel_matches_reference_on_mixed_dtypes(dtypes):
                        beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True,
                        backend=backend)
         results.append(ts)
-    for name, a, b in zip(("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master"),
-                          *results):
+    for name, a, b in zip(NAMES, *results):
         eps = torch.finfo(a.dtype).eps
         torch.testing.assert_close(a, b, rtol=2 * eps, atol=1e-6, msg=lambda m: f"{name}: {m}")
