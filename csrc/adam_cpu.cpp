@@ -51,6 +51,12 @@ FA_CPU_CLONES void from_fp32(const float* __restrict src, T* __restrict dst, int
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);  // round to nearest even
 }
 
+FA_CPU_CLONES void store_bf16_stochastic(const float* __restrict src, c10::BFloat16* __restrict dst,
+                                         int64_t n, uint32_t key, int64_t index0) {
+  for (int64_t i = 0; i < n; ++i)
+    dst[i].x = bf16_stochastic(src[i], sr_bits(key, index0 + i));
+}
+
 // Calls fn(T{}) with T the C++ type of a float32/float16/bfloat16 dtype.
 template <typename Fn>
 void with_float_type(at::ScalarType t, Fn&& fn) {
@@ -93,11 +99,13 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
                    const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
                    const std::optional<at::Tensor>& master, double decay, double weight_decay,
                    double lerp_weight, double beta2, double one_minus_beta2, double neg_step_size,
-                   double bc2_sqrt, double eps, bool maximize, bool decoupled) {
+                   double bc2_sqrt, double eps, bool maximize, bool decoupled,
+                   std::optional<int64_t> sr_key, int64_t index_base) {
   const AdamConfig config =
       check_and_pack(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, decay, weight_decay,
                      lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, maximize,
-                     decoupled);
+                     decoupled, sr_key, index_base);
+  const StochasticRounding& sr = config.rounding;
   // With a master copy the math updates the master; the param is its rounded image.
   const Operand p = master ? operand(*master) : operand(param), g = operand(grad);
   const Operand m = operand(exp_avg), v = operand(exp_avg_sq);
@@ -124,7 +132,12 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
         v.load(lo, len, vb);
         if (ams()) vmax.load(lo, len, xb);
         adam_fp32<wd(), ams()>(pf, gf, mf, vf, xf, len, config.scalars);
-        p.store(lo, len, pf);
+        if (sr.on) {
+          store_bf16_stochastic(pf, static_cast<c10::BFloat16*>(p.data) + lo, len, sr.key,
+                                sr.index_base + lo);
+        } else {
+          p.store(lo, len, pf);
+        }
         m.store(lo, len, mf);
         v.store(lo, len, vf);
         if (ams()) vmax.store(lo, len, xf);

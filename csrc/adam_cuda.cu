@@ -31,6 +31,9 @@ __device__ __forceinline__ void from_float(float x, __half& out) { out = __float
 __device__ __forceinline__ void from_float(float x, __nv_bfloat16& out) {
   out = __float2bfloat16_rn(x);
 }
+__device__ __forceinline__ void from_float(float x, unsigned short& out) {
+  out = static_cast<unsigned short>(x);  // a bf16 bit pattern carried exactly in fp32
+}
 
 // `vec`: every pointer is Pack-aligned (the launcher checks), so whole packs move as vector
 // accesses; the buffer's ragged end and misaligned buffers take the element loop.
@@ -84,8 +87,19 @@ __device__ __forceinline__ void store(Operand o, int64_t base, int64_t n, bool v
   }
 }
 
+// The param, bf16, stochastically rounded (adam_math.h).
+template <int N>
+__device__ __forceinline__ void store_stochastic(void* data, int64_t base, int64_t n, bool vec,
+                                                 const float (&in)[N], StochasticRounding sr) {
+  float bits[N];  // bf16 bit patterns, exact in fp32, so store_as<uint16_t> moves them as is
+#pragma unroll
+  for (int i = 0; i < N; ++i) bits[i] = bf16_stochastic(in[i], sr_bits(sr.key, sr.index_base + base + i));
+  store_as<unsigned short, N>(data, base, n, vec, bits);
+}
+
 template <int N, WeightDecay wd, bool amsgrad>
-__global__ void __launch_bounds__(kThreads) adam_kernel(AdamOperands o, bool vec, AdamScalars s) {
+__global__ void __launch_bounds__(kThreads)
+    adam_kernel(AdamOperands o, bool vec, AdamScalars s, StochasticRounding sr) {
   const int64_t n = o.numel;
   const int64_t base = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * N;
   if (base >= n) return;
@@ -99,7 +113,11 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(AdamOperands o, bool vec
   if (amsgrad) load(o.max_exp_avg_sq, base, n, vec, xf);
 #pragma unroll
   for (int i = 0; i < N; ++i) adam_update<wd, amsgrad>(pf[i], gf[i], mf[i], vf[i], xf[i], s);
-  store(p, base, n, vec, pf);
+  if (sr.on) {
+    store_stochastic(p.data, base, n, vec, pf, sr);
+  } else {
+    store(p, base, n, vec, pf);
+  }
   store(o.exp_avg, base, n, vec, mf);
   store(o.exp_avg_sq, base, n, vec, vf);
   if (amsgrad) store(o.max_exp_avg_sq, base, n, vec, xf);
@@ -120,12 +138,12 @@ bool aligned(const AdamOperands& o, int n) {
 
 template <int N>
 cudaError_t launch(const AdamOperands& o, const AdamScalars& s, WeightDecay weight_decay,
-                   cudaStream_t stream) {
+                   const StochasticRounding& sr, cudaStream_t stream) {
   const int64_t per_block = static_cast<int64_t>(kThreads) * N;
   const dim3 grid(static_cast<unsigned>((o.numel + per_block - 1) / per_block));
   const bool vec = aligned(o, N);
   dispatch_modes(weight_decay, o.max_exp_avg_sq.data != nullptr, [&](auto wd, auto amsgrad) {
-    adam_kernel<N, wd(), amsgrad()><<<grid, kThreads, 0, stream>>>(o, vec, s);
+    adam_kernel<N, wd(), amsgrad()><<<grid, kThreads, 0, stream>>>(o, vec, s, sr);
   });
   return cudaGetLastError();
 }
@@ -133,11 +151,13 @@ cudaError_t launch(const AdamOperands& o, const AdamScalars& s, WeightDecay weig
 }  // namespace
 
 cudaError_t launch_adam_cuda(const AdamOperands& operands, const AdamScalars& scalars,
-                             WeightDecay weight_decay, cudaStream_t stream) {
+                             WeightDecay weight_decay, const StochasticRounding& rounding,
+                             cudaStream_t stream) {
   if (operands.numel == 0) return cudaSuccess;
   // 16 bytes of params per thread.
-  return element_size(operands.param.dtype) == 4 ? launch<4>(operands, scalars, weight_decay, stream)
-                                                 : launch<8>(operands, scalars, weight_decay, stream);
+  return element_size(operands.param.dtype) == 4
+             ? launch<4>(operands, scalars, weight_decay, rounding, stream)
+             : launch<8>(operands, scalars, weight_decay, rounding, stream);
 }
 
 }  // namespace fused_adam

@@ -24,6 +24,7 @@ struct AdamOperands {
 
 // Enqueues one step over the operands on `stream` and returns the launch status.
 cudaError_t launch_adam_cuda(const AdamOperands& operands, const AdamScalars& scalars,
-                             WeightDecay weight_decay, cudaStream_t stream);
+                             WeightDecay weight_decay, const StochasticRounding& rounding,
+                             cudaStream_t stream);
 
 }  // namespace fused_adam

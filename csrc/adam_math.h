@@ -20,6 +20,13 @@
 
 namespace fused_adam {
 
+// Stochastic rounding of a bf16 param (`on`): random bits keyed on (key, index_base + i).
+struct StochasticRounding {
+  bool on;
+  uint32_t key;        // hash of (seed, step), from the host
+  int64_t index_base;  // index of the buffer's first element in its flat buffer
+};
+
 // Host-computed scalars (double precision in Python, rounded to fp32 here as ATen rounds them).
 struct AdamScalars {
   float grad_sign;        // -1 for maximize (exact: the same bits as negation), else 1
@@ -81,6 +88,45 @@ FA_HD float fa_div(float a, float b) {
 
 // torch.maximum: NaN in either operand gives NaN.
 FA_HD float fa_max_nan(float a, float b) { return (a != a || a > b) ? a : b; }
+
+// Stochastic rounding of an fp32 param to bf16, reproducible: the random bits of element `index`
+// come from a hash of (key, index), key = hash(seed, step) computed on the host, so every backend
+// and launch configuration gives the same bits. lowbias32 (Wellons' hash prospector): full
+// avalanche in 2 multiplies, cheap next to the memory traffic.
+FA_HD uint32_t lowbias32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+FA_HD uint32_t sr_bits(uint32_t key, int64_t index) {
+  const uint64_t i = static_cast<uint64_t>(index);
+  const uint32_t lo = static_cast<uint32_t>(i), hi = static_cast<uint32_t>(i >> 32);
+  return lowbias32(key ^ lowbias32(lo ^ (hi * 0x9e3779b9u)));
+}
+
+FA_HD uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t bits;
+  __builtin_memcpy(&bits, &x, sizeof(bits));
+  return bits;
+#endif
+}
+
+// bf16 bits of x rounded up in magnitude with probability (dropped bits) / 2**16: unbiased.
+// Inf and NaN keep their class (the add could carry a NaN's payload into the sign).
+FA_HD uint16_t bf16_stochastic(float x, uint32_t random) {
+  const uint32_t bits = float_bits(x);
+  if ((bits & 0x7f800000u) == 0x7f800000u) {
+    return static_cast<uint16_t>((bits >> 16) | ((bits & 0xffffu) ? 0x40u : 0u));
+  }
+  return static_cast<uint16_t>((bits + (random & 0xffffu)) >> 16);
+}
 
 // One element. `vmax` is read and written only when `amsgrad`.
 template <WeightDecay wd, bool amsgrad>

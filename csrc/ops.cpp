@@ -17,7 +17,10 @@ AdamConfig check_and_pack(const at::Tensor& param, const at::Tensor& grad,
                           const std::optional<at::Tensor>& master, double decay,
                           double weight_decay, double lerp_weight, double beta2,
                           double one_minus_beta2, double neg_step_size, double bc2_sqrt,
-                          double eps, bool maximize, bool decoupled) {
+                          double eps, bool maximize, bool decoupled,
+                          std::optional<int64_t> sr_key, int64_t index_base) {
+  TORCH_CHECK(!sr_key || (param.scalar_type() == at::kBFloat16 && !master),
+              "fused_adam: stochastic rounding applies to bfloat16 params without a master copy");
   std::vector<const at::Tensor*> all = {&param, &grad, &exp_avg, &exp_avg_sq};
   if (max_exp_avg_sq) all.push_back(&*max_exp_avg_sq);
   if (master) {
@@ -41,7 +44,9 @@ AdamConfig check_and_pack(const at::Tensor& param, const at::Tensor& grad,
   const WeightDecay mode = weight_decay == 0.0 ? WeightDecay::kNone
                            : decoupled         ? WeightDecay::kDecoupled
                                                : WeightDecay::kL2;
-  return AdamConfig{scalars, mode};
+  const StochasticRounding rounding{sr_key.has_value(),
+                                    static_cast<uint32_t>(sr_key.value_or(0)), index_base};
+  return AdamConfig{scalars, mode, rounding};
 }
 
 }  // namespace fused_adam
@@ -51,5 +56,6 @@ TORCH_LIBRARY(fused_adam, m) {
       "adam_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "Tensor(d!)? max_exp_avg_sq, Tensor(e!)? master, *, float decay, float weight_decay, "
       "float lerp_weight, float beta2, float one_minus_beta2, float neg_step_size, "
-      "float bc2_sqrt, float eps, bool maximize, bool decoupled) -> ()");
+      "float bc2_sqrt, float eps, bool maximize, bool decoupled, int? sr_key=None, "
+      "int index_base=0) -> ()");
 }

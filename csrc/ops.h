@@ -13,6 +13,7 @@ namespace fused_adam {
 struct AdamConfig {
   AdamScalars scalars;
   WeightDecay weight_decay;
+  StochasticRounding rounding;
 };
 
 // Checks every tensor against the param (device, numel, contiguity, dtypes: each of
@@ -24,6 +25,7 @@ AdamConfig check_and_pack(const at::Tensor& param, const at::Tensor& grad,
                            const std::optional<at::Tensor>& master, double decay,
                            double weight_decay, double lerp_weight, double beta2,
                            double one_minus_beta2, double neg_step_size, double bc2_sqrt,
-                           double eps, bool maximize, bool decoupled);
+                           double eps, bool maximize, bool decoupled,
+                           std::optional<int64_t> sr_key, int64_t index_base);
 
 }  // namespace fused_adam

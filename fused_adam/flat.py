@@ -88,6 +88,8 @@ class FlatBuffer:
                       for k in STATE_KEYS[: 3 if layout.amsgrad else 2]}
         if layout.has_master(self.dtype):
             self.state[MASTER_KEY] = make(torch.float32)
+        # Stochastic rounding (when the group asks) applies to bf16 params without a master.
+        self.may_round_stochastically = self.dtype == torch.bfloat16 and MASTER_KEY not in self.state
         self.steps = torch.zeros(len(params), dtype=torch.float32)  # torch's `step`: fp32, CPU
         self.views = {name: [_view(flat, off, p) for off, p in zip(bounds, params)]
                       for name, flat in (("param", self.param), ("grad", self.grad), *self.state.items())}
@@ -178,10 +180,12 @@ class FlatBuffer:
         steps = self.steps.tolist()
         m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
         vmax, master = self.state.get("max_exp_avg_sq"), self.state.get(MASTER_KEY)
+        rounding = {} if self.may_round_stochastically else {"stochastic_rounding_seed": None}
         for start, end, step in self._runs(active, steps):
             step_fn(self.param[start:end], self.grad[start:end], m[start:end], v[start:end],
                     None if vmax is None else vmax[start:end],
-                    None if master is None else master[start:end], step=step)
+                    None if master is None else master[start:end], step=step, index_base=start,
+                    **rounding)
 
     def _runs(self, active, steps):
         """Maximal spans of consecutive active segments that share a step count: one span, the

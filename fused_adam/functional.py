@@ -12,12 +12,15 @@ def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                step: float, lr: float, beta1: float, beta2: float, eps: float,
                weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
                maximize: bool = False, bias_correction: bool = True,
+               stochastic_rounding_seed: int | None = None, index_base: int = 0,
                backend: str = "auto") -> None:
     """Update `param`, `exp_avg`, `exp_avg_sq` (and `max_exp_avg_sq`, i.e. amsgrad) in place.
 
     With `master` (an fp32 copy of a bf16/fp16 param) the math updates the master and the param
     is written as its rounding. Math is fp32 whatever the tensors' dtypes; each result is rounded
-    once on store.
+    once on store: to nearest even, or for a bf16 param with `stochastic_rounding_seed` set,
+    stochastically with random bits keyed on (seed, step, index_base + element index), the same
+    on every backend.
 
     `step` is the step count including this one (1 on the first step). The scalars are computed
     once here in double precision, as `_single_tensor_adam` computes them in Python; kernels
@@ -31,4 +34,21 @@ def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
         decay=1 - lr * weight_decay, weight_decay=weight_decay, lerp_weight=1 - beta1,
         beta2=beta2, one_minus_beta2=1 - beta2, neg_step_size=-(lr / bc1),
         bc2_sqrt=bc2**0.5, eps=float(eps), maximize=bool(maximize),
-        decoupled=bool(decoupled_weight_decay))
+        decoupled=bool(decoupled_weight_decay),
+        sr_key=None if stochastic_rounding_seed is None else sr_key(stochastic_rounding_seed, step),
+        index_base=int(index_base))
+
+
+def lowbias32(x: int) -> int:
+    """The 32-bit hash of csrc/adam_math.h, on Python ints."""
+    m = 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+def sr_key(seed: int, step: float) -> int:
+    """The per-launch key of stochastic rounding: a hash of (seed, step)."""
+    return lowbias32((int(seed) & 0xFFFFFFFF) ^ lowbias32(int(step) & 0xFFFFFFFF))

@@ -27,6 +27,9 @@ class FusedAdam(Optimizer):
       state_dtype: dtype of exp_avg and exp_avg_sq (max_exp_avg_sq follows exp_avg_sq), or a
         dict {"exp_avg": dtype, "exp_avg_sq": dtype}; default: the param dtype, as torch, or
         float32 with master_weights.
+      stochastic_rounding: round bfloat16 params (without master weights) stochastically, with
+        random bits keyed on (seed, step, element index): reproducible on every backend.
+      seed: the stochastic-rounding seed.
       backend: "auto" (default), "triton" or "torch"; see `fused_adam.backends`.
     """
 
@@ -36,9 +39,12 @@ class FusedAdam(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
-                 bias_correction=True, master_weights=False, state_dtype=None, backend="auto"):
+                 bias_correction=True, master_weights=False, state_dtype=None,
+                 stochastic_rounding=False, seed=0, backend="auto"):
         _check_hyperparameters(lr, betas, eps, weight_decay, foreach, fused)
         _check_state_dtype(state_dtype)
+        if stochastic_rounding and master_weights:
+            raise ValueError("stochastic_rounding applies to bfloat16 params without master weights")
         if differentiable:
             raise RuntimeError("`fused` does not support `differentiable`")
         if capturable:
@@ -49,7 +55,8 @@ class FusedAdam(Optimizer):
                         foreach=foreach, capturable=False, differentiable=False, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay,
                         bias_correction=bias_correction, master_weights=bool(master_weights),
-                        state_dtype=state_dtype, backend=backend)
+                        state_dtype=state_dtype, stochastic_rounding=bool(stochastic_rounding),
+                        seed=int(seed), backend=backend)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for device, dtype in {buffer_key(p) for p in group["params"]}:
@@ -66,6 +73,8 @@ class FusedAdam(Optimizer):
             group.setdefault("bias_correction", True)
             group.setdefault("master_weights", False)
             group.setdefault("state_dtype", None)
+            group.setdefault("stochastic_rounding", False)
+            group.setdefault("seed", 0)
             group.setdefault("backend", self.defaults.get("backend", "auto"))
             for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None),
                                ("capturable", False), ("differentiable", False),
@@ -138,6 +147,7 @@ class FusedAdam(Optimizer):
                 weight_decay=group["weight_decay"],
                 decoupled_weight_decay=group["decoupled_weight_decay"],
                 maximize=group["maximize"], bias_correction=group["bias_correction"],
+                stochastic_rounding_seed=group["seed"] if group["stochastic_rounding"] else None,
                 backend=group["backend"])
             for buf in group_buffers.buffers:
                 update = buf.plan(self.state, step_fn)
@@ -155,12 +165,13 @@ class FusedAdamW(FusedAdam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, bias_correction=True, master_weights=False,
-                 state_dtype=None, backend="auto"):
+                 state_dtype=None, stochastic_rounding=False, seed=0, backend="auto"):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, bias_correction=bias_correction,
-                         master_weights=master_weights, state_dtype=state_dtype, backend=backend)
+                         master_weights=master_weights, state_dtype=state_dtype,
+                         stochastic_rounding=stochastic_rounding, seed=seed, backend=backend)
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -17,14 +17,18 @@ POINTERS = ("p_ptr", "g_ptr", "m_ptr", "v_ptr", "vmax_ptr", "w_ptr")
 SCALARS = ("decay", "weight_decay", "lerp_weight", "beta2", "one_minus_beta2", "neg_step_size",
            "bc2_sqrt", "eps")
 MODES = {
-    "plain": dict(MAXIMIZE=False, WEIGHT_DECAY=False, DECOUPLED=False, AMSGRAD=False, MASTER=False),
+    "plain": dict(MAXIMIZE=False, WEIGHT_DECAY=False, DECOUPLED=False, AMSGRAD=False, MASTER=False,
+                  STOCHASTIC=False),
     "adamw-amsgrad": dict(MAXIMIZE=False, WEIGHT_DECAY=True, DECOUPLED=True, AMSGRAD=True,
-                          MASTER=False),
+                          MASTER=False, STOCHASTIC=False),
     "adam-l2-maximize": dict(MAXIMIZE=True, WEIGHT_DECAY=True, DECOUPLED=False, AMSGRAD=False,
-                             MASTER=False),
+                             MASTER=False, STOCHASTIC=False),
     # bf16 params and grads, fp32 states and master copy
     "bf16-master": dict(MAXIMIZE=False, WEIGHT_DECAY=True, DECOUPLED=True, AMSGRAD=False,
-                        MASTER=True),
+                        MASTER=True, STOCHASTIC=False),
+    # bf16 params and grads, fp32 states, params stochastically rounded
+    "bf16-stochastic": dict(MAXIMIZE=False, WEIGHT_DECAY=True, DECOUPLED=True, AMSGRAD=False,
+                            MASTER=False, STOCHASTIC=True),
 }
 BF16 = {"p_ptr", "g_ptr"}
 
@@ -32,9 +36,10 @@ BF16 = {"p_ptr", "g_ptr"}
 def _compile(arch, mode):
     names = _adam_kernel.arg_names
     constexprs = dict(MODES[mode], BLOCK=BLOCK)
-    low = BF16 if MODES[mode]["MASTER"] else set()
+    low = BF16 if MODES[mode]["MASTER"] or MODES[mode]["STOCHASTIC"] else set()
     signature = {n: "*bf16" if n in low else "*fp32" for n in POINTERS}
     signature |= {"n_elements": "i64"} | {n: "fp32" for n in SCALARS}
+    signature |= {"sr_key": "i64", "index_base": "i64"}
     signature |= {n: "constexpr" for n in constexprs}
     # What the launcher's specialization sees for flat buffers: 16-aligned pointers and lengths.
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in (*POINTERS, "n_elements")}
@@ -58,7 +63,11 @@ def test_ptx_is_vectorized_and_exact(arch, mode, tmp_path):
     kernel = _compile(arch, mode)
     ptx = kernel.asm["ptx"]
     per_thread = BLOCK // (NUM_WARPS * 32) // 4  # 128-bit accesses per thread per fp32 tensor
-    if MODES[mode]["MASTER"]:
+    if MODES[mode]["STOCHASTIC"]:
+        # fp32 m, v and bf16 p, g: 2 x 128 bits per thread for each fp32 tensor, 1 per bf16
+        assert ptx.count("ld.global.v4.b32") == 2 * per_thread + 2 * (per_thread // 2)
+        assert ptx.count("st.global.v4.b32") == 2 * per_thread + per_thread // 2
+    elif MODES[mode]["MASTER"]:
         # fp32 w, m, v: 2 x 128 bits per thread each; bf16 p (store) and g (load): 1 each
         assert ptx.count("ld.global.v4.b32") == 3 * per_thread + per_thread // 2
         assert ptx.count("st.global.v4.b32") == 3 * per_thread + per_thread // 2

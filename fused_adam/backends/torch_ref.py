@@ -34,7 +34,7 @@ def _scratch(like: torch.Tensor, slot: int, dtype: torch.dtype) -> torch.Tensor:
 
 def adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, *, decay, weight_decay,
                lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
-               maximize, decoupled):
+               maximize, decoupled, sr_key, index_base):
     scalars = dict(decay=decay, weight_decay=weight_decay, lerp_weight=lerp_weight, beta2=beta2,
                    one_minus_beta2=one_minus_beta2, neg_step_size=neg_step_size,
                    bc2_sqrt=bc2_sqrt, eps=eps, maximize=maximize, decoupled=decoupled)
@@ -46,9 +46,35 @@ def adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, *, deca
             t if t.dtype == torch.float32 else _scratch(t, i + 1, torch.float32).copy_(t)
             for i, t in enumerate(tensors)]
     _adam_ops(*work[:4], work[4] if max_exp_avg_sq is not None else None, **scalars)
+    if sr_key is not None:
+        param.view(torch.int16).copy_(_bf16_stochastic(work[0], sr_key, index_base))
+        tensors, work = tensors[1:], work[1:]
     for dst, src in zip(tensors, work):
         if dst is not src and dst is not grad:
             dst.copy_(src)  # rounds to nearest even, once
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _lowbias32(x: torch.Tensor) -> torch.Tensor:
+    """csrc/adam_math.h's hash on int64 tensors holding uint32 values (products wrap, then mask)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def _bf16_stochastic(x: torch.Tensor, key: int, index_base: int) -> torch.Tensor:
+    """bf16 bit patterns (as int16) of fp32 `x`, stochastically rounded: csrc/adam_math.h."""
+    index = torch.arange(index_base, index_base + x.numel(), device=x.device).view(x.shape)
+    hi = ((index >> 32) * 0x9E3779B9) & _M32
+    random = _lowbias32(key ^ _lowbias32((index & _M32) ^ hi))
+    bits = x.view(torch.int32).to(torch.int64) & _M32
+    special = (bits & 0x7F800000) == 0x7F800000
+    kept = (bits >> 16) | torch.where((bits & 0xFFFF) != 0, 0x40, 0)
+    return torch.where(special, kept, (bits + (random & 0xFFFF)) >> 16).to(torch.int16)
 
 
 def _adam_ops(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, decay, weight_decay,

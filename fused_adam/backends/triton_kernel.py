@@ -51,10 +51,33 @@ def _adam_math(p, g, m, v, vmax, decay, weight_decay, lerp_weight, beta2, one_mi
 
 
 @triton.jit
+def _lowbias32(x):
+    """csrc/adam_math.h's hash, on uint32."""
+    x ^= x >> 16
+    x *= tl.full((), 0x7FEB352D, tl.uint32)
+    x ^= x >> 15
+    x *= tl.full((), 0x846CA68B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _bf16_stochastic(p, key, index):
+    """bf16 bits (uint16) of fp32 p, stochastically rounded: csrc/adam_math.h."""
+    lo = index.to(tl.uint32)
+    hi = (index >> 32).to(tl.uint32) * tl.full((), 0x9E3779B9, tl.uint32)
+    random = _lowbias32(key ^ _lowbias32(lo ^ hi))
+    bits = p.to(tl.uint32, bitcast=True)
+    special = (bits & 0x7F800000) == 0x7F800000
+    kept = (bits >> 16) | tl.where((bits & 0xFFFF) != 0, 0x40, 0).to(tl.uint32)
+    return tl.where(special, kept, (bits + (random & 0xFFFF)) >> 16).to(tl.uint16)
+
+
+@triton.jit
 def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, n_elements, decay, weight_decay,
-                 lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
-                 MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr,
-                 AMSGRAD: tl.constexpr, MASTER: tl.constexpr, BLOCK: tl.constexpr):
+                 lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, sr_key,
+                 index_base, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                 DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
+                 STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
     # int64 offsets: flat buffers of large models pass 2**31 elements.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
@@ -74,7 +97,11 @@ def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, n_elements, decay,
                                WEIGHT_DECAY, DECOUPLED, AMSGRAD)
     if MASTER:
         tl.store(w_ptr + offs, p, mask=mask)
-    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    if STOCHASTIC:
+        bits = _bf16_stochastic(p, sr_key.to(tl.uint32), index_base + offs)
+        tl.store(p_ptr.to(tl.pointer_type(tl.uint16)) + offs, bits, mask=mask)
+    else:
+        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
     tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
     tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
     if AMSGRAD:
@@ -95,7 +122,9 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, *, decay, weight_decay,
                lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
-               maximize, decoupled):
+               maximize, decoupled, sr_key, index_base):
+    if sr_key is not None and (param.dtype != torch.bfloat16 or master is not None):
+        raise ValueError("stochastic rounding applies to bfloat16 params without a master copy")
     tensors = tuple(t for t in (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master)
                     if t is not None)
     if not all(t.is_contiguous() and t.numel() == param.numel() for t in tensors):
@@ -108,5 +137,7 @@ def adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, *, deca
         param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else exp_avg_sq,
         param if master is None else master, n,
         decay, weight_decay, lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
+        0 if sr_key is None else sr_key, index_base,
         MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0, DECOUPLED=decoupled, AMSGRAD=amsgrad,
-        MASTER=master is not None, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+        MASTER=master is not None, STOCHASTIC=sr_key is not None, BLOCK=BLOCK,
+        num_warps=NUM_WARPS, enable_fp_fusion=False)
