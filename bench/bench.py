@@ -4,6 +4,7 @@ All providers run in one process on copies of the same params and grads, interle
 round, so machine noise hits them alike; the table gives medians and the ratio to torch fused.
 Bytes model (fp32, no amsgrad): read p, g, m, v + write p, m, v = 28 B/param; GB/s is that over
 the median time, and "% copy" compares it with a plain device copy (read + write) timed here too.
+The one-tensor shape also runs the mixed-precision options, each with its own bytes/param.
 
     python bench/bench.py [--device cpu|cuda] [--shapes one_16m many_16k gpt2_124m] [--reps N]
 """
@@ -25,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fused_adam  # noqa: E402
 
-BYTES_PER_PARAM = 28
+BYTES_PER_PARAM = 28  # fp32 p, g, m, v read; p, m, v written
 
 
 def gpt2_124m_shapes():
@@ -46,13 +47,32 @@ SHAPES = {
 
 
 def providers(device):
-    """name -> constructor(params); ours once per backend that runs on `device`."""
-    out = {f"fused_adam[{b}]": (lambda ps, b=b: fused_adam.FusedAdamW(ps, lr=1e-3, backend=b))
+    """name -> (constructor(params), param dtype, bytes/param); ours once per backend here."""
+    fp32 = torch.float32
+    out = {f"fused_adam[{b}]": (lambda ps, b=b: fused_adam.FusedAdamW(ps, lr=1e-3, backend=b),
+                                fp32, BYTES_PER_PARAM)
            for b in fused_adam.available_backends(device)}
-    out["torch for-loop"] = lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False)
-    out["torch foreach"] = lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)
-    out["torch fused"] = lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)
+    out["torch for-loop"] = (lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False), fp32, 28)
+    out["torch foreach"] = (lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), fp32, 28)
+    out["torch fused"] = (lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), fp32, 28)
     return out
+
+
+def precision_providers(device):
+    """The mixed-precision options (`auto` backend) and torch fused on bf16 params."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    ours = lambda **kw: lambda ps: fused_adam.FusedAdamW(ps, lr=1e-3, **kw)  # noqa: E731
+    return {
+        # bf16 p r/w 4, bf16 g 2, fp32 master r/w 8, fp32 m, v r/w 16
+        "fused_adam bf16 + fp32 master": (ours(master_weights=True), bf16, 30),
+        # fp32 p r/w 8, g 4, bf16 m, v r/w 8
+        "fused_adam fp32, bf16 states": (ours(state_dtype=bf16), fp32, 20),
+        # bf16 p r/w 4, g 2, fp32 m, v r/w 16
+        "fused_adam bf16, stochastic rounding": (
+            ours(stochastic_rounding=True, state_dtype=fp32), bf16, 22),
+        # bf16 p r/w 4, g 2, bf16 m, v r/w 8
+        "torch fused, bf16": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), bf16, 14),
+    }
 
 
 class Timer:
@@ -73,27 +93,27 @@ class Timer:
         return time.perf_counter() - t0
 
 
-def bench_shapes(name, shapes, device, reps, warmup):
+def bench_shapes(name, shapes, device, reps, warmup, provider_table):
     gen = torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=gen) for s in shapes]
     grads = [torch.randn(s, generator=gen) * 1e-2 for s in shapes]
     timer = Timer(device)
     runs = {}
-    for pname, make in providers(device).items():
-        params = [t.to(device, copy=True).requires_grad_() for t in init]
+    for pname, (make, dtype, nbytes) in provider_table.items():
+        params = [t.to(device, dtype, copy=True).requires_grad_() for t in init]
         for p, g in zip(params, grads):
-            p.grad = g.to(device)
+            p.grad = g.to(device, dtype)
         opt = make(params)
         for _ in range(warmup):  # state allocation, kernel compilation, first grad copy-in
             opt.step()
-        runs[pname] = (opt, [])
+        runs[pname] = (opt, nbytes, [])
     for _ in range(reps):
-        for opt, times in runs.values():
+        for opt, _, times in runs.values():
             times.append(timer(opt.step))
     n = sum(t.numel() for t in init)
-    return [dict(shape=name, provider=p, tensors=len(shapes), params=n,
+    return [dict(shape=name, provider=p, tensors=len(shapes), params=n, bytes_per_param=nbytes,
                  median_ms=statistics.median(t) * 1e3, min_ms=min(t) * 1e3, reps=len(t))
-            for p, (_, t) in runs.items()]
+            for p, (_, nbytes, t) in runs.items()]
 
 
 def copy_gbps(device, reps):
@@ -137,15 +157,16 @@ def environment(device):
 def table(rows, copy):
     fused = {r["shape"]: r["median_ms"] for r in rows if r["provider"] == "torch fused"}
     foreach = {r["shape"]: r["median_ms"] for r in rows if r["provider"] == "torch foreach"}
-    lines = [f"| shape | provider | median ms | GB/s | % copy | vs fused | vs foreach |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| shape | provider | B/param | median ms | GB/s | % copy | vs fused | vs foreach |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        gbps = BYTES_PER_PARAM * r["params"] / (r["median_ms"] / 1e3) / 1e9
+        gbps = r["bytes_per_param"] * r["params"] / (r["median_ms"] / 1e3) / 1e9
         r["gbps"], r["pct_copy"] = gbps, 100 * gbps / copy
         r["speedup_vs_fused"] = fused[r["shape"]] / r["median_ms"]
         r["speedup_vs_foreach"] = foreach[r["shape"]] / r["median_ms"]
         lines.append(f"| {r['shape']} ({r['tensors']} tensors, {r['params'] / 1e6:.1f}M) | "
-                     f"{r['provider']} | {r['median_ms']:.2f} | {gbps:.1f} | {r['pct_copy']:.0f}% | "
+                     f"{r['provider']} | {r['bytes_per_param']} | {r['median_ms']:.2f} | {gbps:.1f} | "
+                     f"{r['pct_copy']:.0f}% | "
                      f"{r['speedup_vs_fused']:.2f}x | {r['speedup_vs_foreach']:.2f}x |")
     return "\n".join(lines)
 
@@ -163,7 +184,10 @@ def main(argv=None):
     copy = copy_gbps(device, reps)
     rows = []
     for name in args.shapes:
-        rows += bench_shapes(name, SHAPES[name], device, reps, warmup=3)
+        table_ = providers(device)
+        if name == "one_16m":
+            table_ |= precision_providers(device)
+        rows += bench_shapes(name, SHAPES[name], device, reps, warmup=3, provider_table=table_)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     md = table(rows, copy)
@@ -174,7 +198,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"bench-{device.type}.json").write_text(
-        json.dumps(dict(env, copy_gbps=copy, bytes_per_param=BYTES_PER_PARAM, rows=rows), indent=1))
+        json.dumps(dict(env, copy_gbps=copy, rows=rows), indent=1))
     (out / f"bench-{device.type}.md").write_text(header + "\n\n" + md + "\n")
     return rows
 
