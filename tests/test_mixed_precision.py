@@ -125,3 +125,28 @@ def test_state_dtype_is_checked():
         FusedAdamW(p, state_dtype=torch.int8)
     with pytest.raises(ValueError, match="state_dtype keys"):
         FusedAdamW(p, state_dtype={"momentum": torch.bfloat16})
+
+
+def test_grad_scaler_standard_path():
+    """torch.amp.GradScaler drives us through its generic path (unscale_ on our grad views, then
+    step unless a grad is inf); the in-kernel unscale protocol is future work."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    ref_model = torch.nn.Linear(8, 4)
+    ref_model.load_state_dict(model.state_dict())
+    opt = FusedAdamW(model.parameters(), lr=1e-2)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=False)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0) for _ in range(2)]
+    x = torch.randn(16, 8)
+    for step in range(4):
+        for m, o, s in ((model, opt, scalers[0]), (ref_model, ref, scalers[1])):
+            o.zero_grad()
+            s.scale(m(x).square().mean()).backward()
+            if step == 2:  # an overflow: the step is skipped and the scale halves
+                next(m.parameters()).grad[0, 0] = float("inf")
+            s.step(o)
+            s.update()
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 1024.0 * 2**-1
+    assert float(opt.state[model.weight]["step"]) == 3.0
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
