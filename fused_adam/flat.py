@@ -86,6 +86,10 @@ class FlatBuffer:
         self.param, self.grad = make(self.dtype), make(self.dtype)
         self.state = {k: make(layout.state_dtype(k, self.dtype))
                       for k in STATE_KEYS[: 3 if layout.amsgrad else 2]}
+        if any(p.is_complex() for p in params) and any(
+                s.dtype != self.dtype for s in self.state.values()):
+            raise ValueError("fused_adam: complex params keep their states in their own dtype; "
+                             "state_dtype does not apply to them")
         if layout.has_master(self.dtype):
             self.state[MASTER_KEY] = make(torch.float32)
         # Stochastic rounding (when the group asks) applies to bf16 params without a master.

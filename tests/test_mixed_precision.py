@@ -125,6 +125,8 @@ def test_state_dtype_is_checked():
         FusedAdamW(p, state_dtype=torch.int8)
     with pytest.raises(ValueError, match="state_dtype keys"):
         FusedAdamW(p, state_dtype={"momentum": torch.bfloat16})
+    with pytest.raises(ValueError, match="complex params keep their states"):
+        FusedAdamW([torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))], state_dtype=BF16)
 
 
 def test_grad_scaler_standard_path():
