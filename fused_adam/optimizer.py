@@ -30,7 +30,7 @@ class FusedAdam(Optimizer):
       stochastic_rounding: round bfloat16 params (without master weights) stochastically, with
         random bits keyed on (seed, step, element index): reproducible on every backend.
       seed: the stochastic-rounding seed.
-      backend: "auto" (default), "triton" or "torch"; see `fused_adam.backends`.
+      backend: "auto" (default), "triton", "cuda", "cpu" or "torch"; see `fused_adam.backends`.
     """
 
     _layout: list[GroupBuffers] | None = None
