@@ -56,7 +56,7 @@ def _jit_build(torch) -> None:
     cpp_extension.load(
         name="fused_adam_C" + ("_cuda" if with_cuda else ""),
         sources=[str(CSRC / s) for s in sources],
-        extra_cflags=CXX_FLAGS + (["-DFUSED_ADAM_CUDA"] if with_cuda else []),
+        extra_cflags=CXX_FLAGS,
         extra_cuda_cflags=NVCC_FLAGS, extra_ldflags=LD_FLAGS, with_cuda=with_cuda,
         is_python_module=False, verbose=False)
 
