@@ -27,10 +27,12 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 SPARSE_ERROR = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
 
-def buffer_key(p: torch.Tensor) -> tuple[torch.device, torch.dtype]:
-    """(device, real dtype): the buffer a param belongs to."""
-    dtype = p.dtype.to_real() if p.is_complex() else p.dtype
-    return p.device, dtype
+def buffer_key(p: torch.Tensor) -> tuple[torch.device, torch.dtype, torch.dtype]:
+    """(device, real dtype, real grad dtype): the buffer a param belongs to. The grad dtype is
+    `p.grad_dtype` where torch has it and it is set (a bf16 param can get fp32 grads), else the
+    param's."""
+    real = lambda dtype: dtype.to_real() if dtype.is_complex else dtype  # noqa: E731
+    return p.device, real(p.dtype), real(getattr(p, "grad_dtype", None) or p.dtype)
 
 
 def _view(flat: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
@@ -75,7 +77,7 @@ class FlatBuffer:
 
     def __init__(self, params: list[torch.Tensor], layout: Layout):
         self.params = params
-        self.device, self.dtype = buffer_key(params[0])
+        self.device, self.dtype, grad_dtype = buffer_key(params[0])
         bounds = [0]
         for p in params:
             size = p.numel() * (2 if p.is_complex() else 1)
@@ -83,7 +85,7 @@ class FlatBuffer:
         self.bounds = bounds  # segment i is [bounds[i], bounds[i + 1]), padding included
         self.total = bounds[-1]
         make = lambda dtype: torch.zeros(self.total, dtype=dtype, device=self.device)  # noqa: E731
-        self.param, self.grad = make(self.dtype), make(self.dtype)
+        self.param, self.grad = make(self.dtype), make(grad_dtype)
         self.state = {k: make(layout.state_dtype(k, self.dtype))
                       for k in STATE_KEYS[: 3 if layout.amsgrad else 2]}
         if any(p.is_complex() for p in params) and any(

@@ -59,7 +59,7 @@ class FusedAdam(Optimizer):
                         seed=int(seed), backend=backend)
         super().__init__(params, defaults)
         for group in self.param_groups:
-            for device, dtype in {buffer_key(p) for p in group["params"]}:
+            for device, dtype, _ in {buffer_key(p) for p in group["params"]}:
                 self._check_backend(group["backend"], device, dtype)
         self._sync_layout()
 

@@ -90,6 +90,36 @@ def test_master_weights_track_an_fp32_run(device, backend):
         assert torch.equal(p.detach(), q.detach().to(BF16))
 
 
+@pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="torch without grad_dtype")
+@pytest.mark.parametrize("device,backend", CASES)
+def test_fp32_grads_of_bf16_params(device, backend):
+    """A bf16 param with `grad_dtype = float32` gets fp32 grads from autograd; they accumulate
+    straight into an fp32 grad buffer, and the master steps as an fp32 model would."""
+    skip_if_interpreted_bf16(device, backend, [BF16])
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 8).to(device, BF16)
+    ref = torch.nn.Linear(16, 8).to(device)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), ref.parameters()):
+            q.copy_(p)
+            p.grad_dtype = F32
+    opt = FusedAdamW(model.parameters(), lr=LR, master_weights=True, backend=backend)
+    ref_opt = FusedAdamW(ref.parameters(), lr=LR, backend=backend)
+    x = torch.randn(32, 16, device=device)
+    for _ in range(4):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad(set_to_none=False)
+            # both forwards see the weights rounded to bf16 (the bf16 model's own values), in
+            # fp32 math, so both get the same fp32 grads
+            w, b = (t.to(BF16).float() for t in m.parameters())
+            torch.nn.functional.linear(x, w, b).square().mean().backward()
+            o.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert p.grad.dtype == F32 and p.grad.untyped_storage().data_ptr() == next(
+            model.parameters()).grad.untyped_storage().data_ptr()
+        torch.testing.assert_close(opt.state[p]["master_param"], q.detach(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("device,backend", CASES)
 def test_master_and_fp32_states_survive_a_checkpoint(device, backend):
     skip_if_interpreted_bf16(device, backend, [BF16])
