@@ -108,6 +108,11 @@ __global__ void __launch_bounds__(kThreads)
   float pf[N], gf[N], mf[N], vf[N], xf[N];
   load(p, base, n, vec, pf);
   load(o.grad, base, n, vec, gf);
+  if (o.clip_coef) {  // computed on the device: no host sync; g * coef, then adam_update's sign
+    const float coef = *o.clip_coef;
+#pragma unroll
+    for (int i = 0; i < N; ++i) gf[i] *= coef;
+  }
   load(o.exp_avg, base, n, vec, mf);
   load(o.exp_avg_sq, base, n, vec, vf);
   if (amsgrad) load(o.max_exp_avg_sq, base, n, vec, xf);

@@ -19,6 +19,7 @@ struct Operand {
 
 struct AdamOperands {
   Operand param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master;  // master: float32
+  const float* clip_coef;  // device scalar multiplying the grads, or nullptr
   int64_t numel;
 };
 

@@ -29,7 +29,8 @@ struct StochasticRounding {
 
 // Host-computed scalars (double precision in Python, rounded to fp32 here as ATen rounds them).
 struct AdamScalars {
-  float grad_sign;        // -1 for maximize (exact: the same bits as negation), else 1
+  float grad_mult;        // -1 for maximize (exact: the bits of negation), else 1; times the
+                          // clip coefficient when clipping (torch: g * coef, then negation)
   float decay;            // 1 - lr * weight_decay (decoupled)
   float weight_decay;     // L2 coefficient (coupled)
   float lerp_weight;      // 1 - beta1
@@ -131,7 +132,7 @@ FA_HD uint16_t bf16_stochastic(float x, uint32_t random) {
 // One element. `vmax` is read and written only when `amsgrad`.
 template <WeightDecay wd, bool amsgrad>
 FA_HD void adam_update(float& p, float g, float& m, float& v, float& vmax, const AdamScalars& s) {
-  g = g * s.grad_sign;
+  g = g * s.grad_mult;
   if (wd == WeightDecay::kL2) g = fa_fma(p, s.weight_decay, g);
   if (wd == WeightDecay::kDecoupled) p = p * s.decay;
   // torch's lerp: start + w*(end-start) for |w| < 0.5, else end + (w-1)*(end-start), one FMA.

@@ -26,6 +26,7 @@ AdamConfig check_and_pack(const at::Tensor& param, const at::Tensor& grad,
                            double weight_decay, double lerp_weight, double beta2,
                            double one_minus_beta2, double neg_step_size, double bc2_sqrt,
                            double eps, bool maximize, bool decoupled,
-                           std::optional<int64_t> sr_key, int64_t index_base);
+                           std::optional<int64_t> sr_key, int64_t index_base,
+                           const std::optional<at::Tensor>& clip_coef);
 
 }  // namespace fused_adam

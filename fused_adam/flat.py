@@ -13,6 +13,7 @@ Complex params live in a real buffer as (re, im) pairs, which is what torch's Ad
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -159,16 +160,17 @@ class FlatBuffer:
                 foreign.append((i, g))
         return (None if len(active) == len(grads) else active), foreign
 
-    def plan(self, state, step_fn):
-        """Check this buffer's grads and return the update as a callable, or None when no param
-        has a grad. Nothing is modified until the callable runs, so a step that raises here
-        leaves every param and state as it was."""
+    def plan(self, state):
+        """Check this buffer's grads; return None when no param has a grad, else a callable that
+        prepares the step (grads copied in, state created, steps counted) and returns its runs
+        for `launch`. Nothing is modified until it runs, so a step that raises here leaves every
+        param and state as it was."""
         active, foreign = self._classify_grads()
         if active == []:
             return None
-        return lambda: self._apply(state, active, foreign, step_fn)
+        return functools.partial(self._prepare, state, active, foreign)
 
-    def _apply(self, state, active, foreign, step_fn) -> None:
+    def _prepare(self, state, active, foreign) -> list:
         if foreign:
             views = [self.views["grad"][i] for i, _ in foreign]
             torch._foreach_copy_(views, [g for _, g in foreign])
@@ -183,15 +185,23 @@ class FlatBuffer:
             self.steps.add_(1)
         else:
             self.steps[active] += 1
-        steps = self.steps.tolist()
+        return self._runs(active, self.steps.tolist())
+
+    def launch(self, runs, step_fn, clip_coef=None) -> None:
+        """One `step_fn` call per run (see _runs)."""
         m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
         vmax, master = self.state.get("max_exp_avg_sq"), self.state.get(MASTER_KEY)
         rounding = {} if self.may_round_stochastically else {"stochastic_rounding_seed": None}
-        for start, end, step in self._runs(active, steps):
+        for start, end, step in runs:
             step_fn(self.param[start:end], self.grad[start:end], m[start:end], v[start:end],
                     None if vmax is None else vmax[start:end],
                     None if master is None else master[start:end], step=step, index_base=start,
-                    **rounding)
+                    clip_coef=clip_coef, **rounding)
+
+    def grad_norms(self, runs) -> list[torch.Tensor]:
+        """fp32 2-norms of the grads of `runs`: only params that have a grad this step."""
+        return [torch.linalg.vector_norm(self.grad[start:end], dtype=torch.float32)
+                for start, end, _ in runs]
 
     def _runs(self, active, steps):
         """Maximal spans of consecutive active segments that share a step count: one span, the
@@ -241,3 +251,14 @@ class GroupBuffers:
         copy."""
         return (layout == self.layout and list(map(id, params)) == self.ids
                 and [p.data_ptr() for p in params] == self.ptrs)
+
+
+def clip_coefficient(prepared, max_norm: float) -> torch.Tensor | None:
+    """`torch.nn.utils.clip_grad_norm_`'s coefficient for the grads of `prepared` ((buffer, runs)
+    pairs), as a device tensor: min(1, max_norm / (total norm + 1e-6)), no host sync."""
+    norms = [n for buf, runs in prepared for n in buf.grad_norms(runs)]
+    if not norms:
+        return None
+    device = norms[0].device
+    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+    return torch.clamp(max_norm / (total + 1e-6), max=1.0)

@@ -13,14 +13,15 @@ def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
                maximize: bool = False, bias_correction: bool = True,
                stochastic_rounding_seed: int | None = None, index_base: int = 0,
-               backend: str = "auto") -> None:
+               clip_coef: torch.Tensor | None = None, backend: str = "auto") -> None:
     """Update `param`, `exp_avg`, `exp_avg_sq` (and `max_exp_avg_sq`, i.e. amsgrad) in place.
 
     With `master` (an fp32 copy of a bf16/fp16 param) the math updates the master and the param
     is written as its rounding. Math is fp32 whatever the tensors' dtypes; each result is rounded
     once on store: to nearest even, or for a bf16 param with `stochastic_rounding_seed` set,
     stochastically with random bits keyed on (seed, step, index_base + element index), the same
-    on every backend.
+    on every backend. `clip_coef`, a one-element fp32 tensor on the param's device (computed
+    there, e.g. from the grads' norm), multiplies the grads first, read by the kernel: no sync.
 
     `step` is the step count including this one (1 on the first step). The scalars are computed
     once here in double precision, as `_single_tensor_adam` computes them in Python; kernels
@@ -36,7 +37,7 @@ def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
         bc2_sqrt=bc2**0.5, eps=float(eps), maximize=bool(maximize),
         decoupled=bool(decoupled_weight_decay),
         sr_key=None if stochastic_rounding_seed is None else sr_key(stochastic_rounding_seed, step),
-        index_base=int(index_base))
+        index_base=int(index_base), clip_coef=clip_coef)
 
 
 def lowbias32(x: int) -> int:

@@ -12,7 +12,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import backends
-from .flat import MASTER_KEY, GroupBuffers, Layout, buffer_key
+from .flat import GroupBuffers, Layout, buffer_key, clip_coefficient
 from .functional import adam_step_
 
 
@@ -30,6 +30,9 @@ class FusedAdam(Optimizer):
       stochastic_rounding: round bfloat16 params (without master weights) stochastically, with
         random bits keyed on (seed, step, element index): reproducible on every backend.
       seed: the stochastic-rounding seed.
+      max_grad_norm: clip the group's grads to this global 2-norm inside the step, as
+        `torch.nn.utils.clip_grad_norm_(group params, max_grad_norm)` before AdamW would; the
+        coefficient is computed and applied on the device (one norm pass, no host sync).
       backend: "auto" (default), "triton", "cuda", "cpu" or "torch"; see `fused_adam.backends`.
     """
 
@@ -40,8 +43,10 @@ class FusedAdam(Optimizer):
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
                  bias_correction=True, master_weights=False, state_dtype=None,
-                 stochastic_rounding=False, seed=0, backend="auto"):
+                 stochastic_rounding=False, seed=0, max_grad_norm=None, backend="auto"):
         _check_hyperparameters(lr, betas, eps, weight_decay, foreach, fused)
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
         _check_state_dtype(state_dtype)
         if stochastic_rounding and master_weights:
             raise ValueError("stochastic_rounding applies to bfloat16 params without master weights")
@@ -56,7 +61,7 @@ class FusedAdam(Optimizer):
                         decoupled_weight_decay=decoupled_weight_decay,
                         bias_correction=bias_correction, master_weights=bool(master_weights),
                         state_dtype=state_dtype, stochastic_rounding=bool(stochastic_rounding),
-                        seed=int(seed), backend=backend)
+                        seed=int(seed), max_grad_norm=max_grad_norm, backend=backend)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for device, dtype, _ in {buffer_key(p) for p in group["params"]}:
@@ -75,6 +80,7 @@ class FusedAdam(Optimizer):
             group.setdefault("state_dtype", None)
             group.setdefault("stochastic_rounding", False)
             group.setdefault("seed", 0)
+            group.setdefault("max_grad_norm", None)
             group.setdefault("backend", self.defaults.get("backend", "auto"))
             for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None),
                                ("capturable", False), ("differentiable", False),
@@ -139,7 +145,8 @@ class FusedAdam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._sync_layout()
-        updates = []  # every check runs before the first update: a step that raises changes nothing
+        # Every check runs before the first update: a step that raises changes nothing.
+        updates = []  # (group, step_fn, [(buffer, prepare)])
         for group, group_buffers in zip(self.param_groups, self._layout):
             beta1, beta2 = group["betas"]
             step_fn = functools.partial(
@@ -149,13 +156,20 @@ class FusedAdam(Optimizer):
                 maximize=group["maximize"], bias_correction=group["bias_correction"],
                 stochastic_rounding_seed=group["seed"] if group["stochastic_rounding"] else None,
                 backend=group["backend"])
+            todo = []
             for buf in group_buffers.buffers:
-                update = buf.plan(self.state, step_fn)
-                if update is not None:
+                prepare = buf.plan(self.state)
+                if prepare is not None:
                     self._check_backend(group["backend"], buf.device, buf.dtype)
-                    updates.append(update)
-        for update in updates:
-            update()
+                    todo.append((buf, prepare))
+            updates.append((group, step_fn, todo))
+        for group, step_fn, todo in updates:
+            prepared = [(buf, prepare()) for buf, prepare in todo]
+            coef = None
+            if group["max_grad_norm"] is not None:
+                coef = clip_coefficient(prepared, group["max_grad_norm"])
+            for buf, runs in prepared:
+                buf.launch(runs, step_fn, None if coef is None else coef.to(buf.device))
         return loss
 
 
@@ -165,13 +179,15 @@ class FusedAdamW(FusedAdam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, bias_correction=True, master_weights=False,
-                 state_dtype=None, stochastic_rounding=False, seed=0, backend="auto"):
+                 state_dtype=None, stochastic_rounding=False, seed=0, max_grad_norm=None,
+                 backend="auto"):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, bias_correction=bias_correction,
                          master_weights=master_weights, state_dtype=state_dtype,
-                         stochastic_rounding=stochastic_rounding, seed=seed, backend=backend)
+                         stochastic_rounding=stochastic_rounding, seed=seed,
+                         max_grad_norm=max_grad_norm, backend=backend)
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -35,11 +35,11 @@ BF16 = {"p_ptr", "g_ptr"}
 
 def _compile(arch, mode):
     names = _adam_kernel.arg_names
-    constexprs = dict(MODES[mode], BLOCK=BLOCK)
+    constexprs = dict(MODES[mode], CLIP=False, BLOCK=BLOCK)
     low = BF16 if MODES[mode]["MASTER"] or MODES[mode]["STOCHASTIC"] else set()
     signature = {n: "*bf16" if n in low else "*fp32" for n in POINTERS}
     signature |= {"n_elements": "i64"} | {n: "fp32" for n in SCALARS}
-    signature |= {"sr_key": "i64", "index_base": "i64"}
+    signature |= {"sr_key": "i64", "index_base": "i64", "clip_ptr": "*fp32"}
     signature |= {n: "constexpr" for n in constexprs}
     # What the launcher's specialization sees for flat buffers: 16-aligned pointers and lengths.
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in (*POINTERS, "n_elements")}

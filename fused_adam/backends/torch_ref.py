@@ -34,10 +34,11 @@ def _scratch(like: torch.Tensor, slot: int, dtype: torch.dtype) -> torch.Tensor:
 
 def adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, *, decay, weight_decay,
                lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
-               maximize, decoupled, sr_key, index_base):
+               maximize, decoupled, sr_key, index_base, clip_coef):
     scalars = dict(decay=decay, weight_decay=weight_decay, lerp_weight=lerp_weight, beta2=beta2,
                    one_minus_beta2=one_minus_beta2, neg_step_size=neg_step_size,
-                   bc2_sqrt=bc2_sqrt, eps=eps, maximize=maximize, decoupled=decoupled)
+                   bc2_sqrt=bc2_sqrt, eps=eps, maximize=maximize, decoupled=decoupled,
+                   clip_coef=clip_coef)
     tensors = [param, grad, exp_avg, exp_avg_sq] + ([] if max_exp_avg_sq is None else [max_exp_avg_sq])
     if master is None and len({t.dtype for t in tensors}) == 1 and param.dtype in (torch.float32, torch.float64):
         return _adam_ops(*tensors[:4], max_exp_avg_sq, **scalars)
@@ -79,8 +80,10 @@ def _bf16_stochastic(x: torch.Tensor, key: int, index_base: int) -> torch.Tensor
 
 def _adam_ops(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, decay, weight_decay,
               lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, maximize,
-              decoupled):
+              decoupled, clip_coef):
     tmp = _scratch(param, 0, param.dtype)
+    if clip_coef is not None:  # clip_grad_norm_'s in-place multiply, on a copy
+        grad = torch.mul(grad, clip_coef, out=tmp)
     if maximize:
         grad = torch.neg(grad, out=tmp)
     if weight_decay != 0:

@@ -75,9 +75,9 @@ def _bf16_stochastic(p, key, index):
 @triton.jit
 def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, n_elements, decay, weight_decay,
                  lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, sr_key,
-                 index_base, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                 index_base, clip_ptr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                  DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
-                 STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+                 STOCHASTIC: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
     # int64 offsets: flat buffers of large models pass 2**31 elements.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
@@ -87,6 +87,8 @@ def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, n_elements, decay,
     else:
         p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    if CLIP:  # the clip coefficient, computed on the device: no host sync
+        g = g * tl.load(clip_ptr)
     m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
     vmax = v
@@ -122,7 +124,7 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, *, decay, weight_decay,
                lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
-               maximize, decoupled, sr_key, index_base):
+               maximize, decoupled, sr_key, index_base, clip_coef):
     if sr_key is not None and (param.dtype != torch.bfloat16 or master is not None):
         raise ValueError("stochastic rounding applies to bfloat16 params without a master copy")
     tensors = tuple(t for t in (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master)
@@ -137,7 +139,8 @@ def adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, *, deca
         param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else exp_avg_sq,
         param if master is None else master, n,
         decay, weight_decay, lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
-        0 if sr_key is None else sr_key, index_base,
+        0 if sr_key is None else sr_key, index_base, param if clip_coef is None else clip_coef,
         MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0, DECOUPLED=decoupled, AMSGRAD=amsgrad,
-        MASTER=master is not None, STOCHASTIC=sr_key is not None, BLOCK=BLOCK,
+        MASTER=master is not None, STOCHASTIC=sr_key is not None, CLIP=clip_coef is not None,
+        BLOCK=BLOCK,
         num_warps=NUM_WARPS, enable_fp_fusion=False)
