@@ -101,12 +101,22 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
                    double lerp_weight, double beta2, double one_minus_beta2, double neg_step_size,
                    double bc2_sqrt, double eps, bool maximize, bool decoupled,
                    std::optional<int64_t> sr_key, int64_t index_base,
-                   const std::optional<at::Tensor>& clip_coef) {
+                   const std::optional<at::Tensor>& clip_coef,
+                   const std::optional<at::Tensor>& device_scalars,
+                   const std::optional<at::Tensor>& found_inf) {
   AdamConfig config =
       check_and_pack(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, decay, weight_decay,
                      lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, maximize,
-                     decoupled, sr_key, index_base, clip_coef);
-  if (clip_coef) config.scalars.grad_mult *= *clip_coef->const_data_ptr<float>();  // host memory
+                     decoupled, sr_key, index_base, clip_coef, device_scalars, found_inf);
+  // "Device" scalars of CPU tensors are host memory: read them here.
+  if (found_inf && *found_inf->const_data_ptr<float>() != 0.0f) return;  // a skipped step
+  if (clip_coef) config.scalars.grad_mult *= *clip_coef->const_data_ptr<float>();
+  if (device_scalars) {
+    const float* d = device_scalars->const_data_ptr<float>();
+    config.scalars.decay = d[0];
+    config.scalars.neg_step_size = d[1];
+    config.scalars.bc2_sqrt = d[2];
+  }
   const StochasticRounding& sr = config.rounding;
   // With a master copy the math updates the master; the param is its rounded image.
   const Operand p = master ? operand(*master) : operand(param), g = operand(grad);

@@ -99,10 +99,18 @@ __device__ __forceinline__ void store_stochastic(void* data, int64_t base, int64
 
 template <int N, WeightDecay wd, bool amsgrad>
 __global__ void __launch_bounds__(kThreads)
-    adam_kernel(AdamOperands o, bool vec, AdamScalars s, StochasticRounding sr) {
+    adam_kernel(AdamOperands o, bool vec, AdamScalars host, StochasticRounding sr) {
   const int64_t n = o.numel;
   const int64_t base = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * N;
   if (base >= n) return;
+  // Decided and computed on the device (skip_nonfinite, GradScaler): no host sync.
+  if (o.found_inf && *o.found_inf != 0.0f) return;
+  AdamScalars s = host;
+  if (o.scalars) {
+    s.decay = o.scalars[0];
+    s.neg_step_size = o.scalars[1];
+    s.bc2_sqrt = o.scalars[2];
+  }
   // With a master copy the math updates the master; the param is its rounded image.
   const Operand p = o.master.data ? o.master : o.param;
   float pf[N], gf[N], mf[N], vf[N], xf[N];

@@ -20,6 +20,8 @@ struct Operand {
 struct AdamOperands {
   Operand param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master;  // master: float32
   const float* clip_coef;  // device scalar multiplying the grads, or nullptr
+  const float* scalars;    // device [decay, neg_step_size, bc2_sqrt] replacing AdamScalars', or nullptr
+  const float* found_inf;  // device scalar: nonzero skips the step, or nullptr
   int64_t numel;
 };
 

@@ -19,10 +19,16 @@ AdamConfig check_and_pack(const at::Tensor& param, const at::Tensor& grad,
                           double one_minus_beta2, double neg_step_size, double bc2_sqrt,
                           double eps, bool maximize, bool decoupled,
                           std::optional<int64_t> sr_key, int64_t index_base,
-                          const std::optional<at::Tensor>& clip_coef) {
-  TORCH_CHECK(!clip_coef || (clip_coef->numel() == 1 && clip_coef->scalar_type() == at::kFloat &&
-                             clip_coef->device() == param.device()),
-              "fused_adam: clip_coef must be one float32 element on the param's device");
+                          const std::optional<at::Tensor>& clip_coef,
+                          const std::optional<at::Tensor>& device_scalars,
+                          const std::optional<at::Tensor>& found_inf) {
+  for (const auto& [t, n, name] : {std::tuple{&clip_coef, 1, "clip_coef"},
+                                   std::tuple{&device_scalars, 3, "device_scalars"},
+                                   std::tuple{&found_inf, 1, "found_inf"}}) {
+    TORCH_CHECK(!*t || ((*t)->numel() == n && (*t)->scalar_type() == at::kFloat &&
+                        (*t)->device() == param.device() && (*t)->is_contiguous()),
+                "fused_adam: ", name, " must be ", n, " float32 element(s) on the param's device");
+  }
   TORCH_CHECK(!sr_key || (param.scalar_type() == at::kBFloat16 && !master),
               "fused_adam: stochastic rounding applies to bfloat16 params without a master copy");
   std::vector<const at::Tensor*> all = {&param, &grad, &exp_avg, &exp_avg_sq};
@@ -61,5 +67,6 @@ TORCH_LIBRARY(fused_adam, m) {
       "Tensor(d!)? max_exp_avg_sq, Tensor(e!)? master, *, float decay, float weight_decay, "
       "float lerp_weight, float beta2, float one_minus_beta2, float neg_step_size, "
       "float bc2_sqrt, float eps, bool maximize, bool decoupled, int? sr_key=None, "
-      "int index_base=0, Tensor? clip_coef=None) -> ()");
+      "int index_base=0, Tensor? clip_coef=None, Tensor? device_scalars=None, "
+      "Tensor? found_inf=None) -> ()");
 }

@@ -27,6 +27,8 @@ AdamConfig check_and_pack(const at::Tensor& param, const at::Tensor& grad,
                            double one_minus_beta2, double neg_step_size, double bc2_sqrt,
                            double eps, bool maximize, bool decoupled,
                            std::optional<int64_t> sr_key, int64_t index_base,
-                           const std::optional<at::Tensor>& clip_coef);
+                           const std::optional<at::Tensor>& clip_coef,
+                           const std::optional<at::Tensor>& device_scalars,
+                           const std::optional<at::Tensor>& found_inf);
 
 }  // namespace fused_adam

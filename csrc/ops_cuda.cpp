@@ -26,11 +26,13 @@ void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::T
                     double lerp_weight, double beta2, double one_minus_beta2,
                     double neg_step_size, double bc2_sqrt, double eps, bool maximize,
                     bool decoupled, std::optional<int64_t> sr_key, int64_t index_base,
-                    const std::optional<at::Tensor>& clip_coef) {
+                    const std::optional<at::Tensor>& clip_coef,
+                    const std::optional<at::Tensor>& device_scalars,
+                    const std::optional<at::Tensor>& found_inf) {
   const AdamConfig config =
       check_and_pack(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, decay, weight_decay,
                      lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, maximize,
-                     decoupled, sr_key, index_base, clip_coef);
+                     decoupled, sr_key, index_base, clip_coef, device_scalars, found_inf);
   const c10::cuda::CUDAGuard guard(param.device());
   const Operand absent{nullptr, DType::kFloat32};
   const AdamOperands operands{operand(param),
@@ -40,6 +42,8 @@ void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::T
                               max_exp_avg_sq ? operand(*max_exp_avg_sq) : absent,
                               master ? operand(*master) : absent,
                               clip_coef ? clip_coef->const_data_ptr<float>() : nullptr,
+                              device_scalars ? device_scalars->const_data_ptr<float>() : nullptr,
+                              found_inf ? found_inf->const_data_ptr<float>() : nullptr,
                               param.numel()};
   const cudaError_t err = launch_adam_cuda(operands, config.scalars, config.weight_decay,
                                            config.rounding, c10::cuda::getCurrentCUDAStream());

@@ -52,6 +52,7 @@ class Layout:
 
     amsgrad: bool = False
     master_weights: bool = False
+    device_steps: bool = False  # skip_nonfinite: step counts on the device
     exp_avg_dtype: torch.dtype | None = None  # None: fp32 with master weights, else the param's
     exp_avg_sq_dtype: torch.dtype | None = None  # max_exp_avg_sq follows it
 
@@ -61,7 +62,8 @@ class Layout:
         if not isinstance(dtypes, dict):
             dtypes = {"exp_avg": dtypes, "exp_avg_sq": dtypes}
         return cls(bool(group["amsgrad"]), bool(group.get("master_weights", False)),
-                   dtypes.get("exp_avg"), dtypes.get("exp_avg_sq"))
+                   bool(group.get("skip_nonfinite", False)), dtypes.get("exp_avg"),
+                   dtypes.get("exp_avg_sq"))
 
     def state_dtype(self, key: str, param_dtype: torch.dtype) -> torch.dtype:
         chosen = self.exp_avg_dtype if key == "exp_avg" else self.exp_avg_sq_dtype
@@ -97,7 +99,12 @@ class FlatBuffer:
             self.state[MASTER_KEY] = make(torch.float32)
         # Stochastic rounding (when the group asks) applies to bf16 params without a master.
         self.may_round_stochastically = self.dtype == torch.bfloat16 and MASTER_KEY not in self.state
-        self.steps = torch.zeros(len(params), dtype=torch.float32)  # torch's `step`: fp32, CPU
+        # torch's `step`: fp32, on the CPU; on the param's device when the step must be skipped
+        # without a host sync (skip_nonfinite, GradScaler), as torch's fused/capturable keep it.
+        self.device_steps = layout.device_steps
+        self.steps = torch.zeros(len(params), dtype=torch.float32,
+                                 device=self.device if self.device_steps else "cpu")
+        self.history, self.calls = [0] * len(params), 0
         self.views = {name: [_view(flat, off, p) for off, p in zip(bounds, params)]
                       for name, flat in (("param", self.param), ("grad", self.grad), *self.state.items())}
         with torch.no_grad():
@@ -115,6 +122,7 @@ class FlatBuffer:
                 s = state.get(p)
                 self.initialized[i] = bool(s)
                 self.steps[i] = float(s["step"]) if s else 0.0
+                self.history[i] = hash(float(self.steps[i]))  # loading may read values
                 for key, views in self.views.items():
                     if key == "param" or key == "grad":
                         continue
@@ -162,15 +170,15 @@ class FlatBuffer:
 
     def plan(self, state):
         """Check this buffer's grads; return None when no param has a grad, else a callable that
-        prepares the step (grads copied in, state created, steps counted) and returns its runs
-        for `launch`. Nothing is modified until it runs, so a step that raises here leaves every
-        param and state as it was."""
+        prepares the step (grads copied in, state created) and returns the active segments for
+        `launch` (None: all). Nothing is modified until it runs, so a step that raises here
+        leaves every param and state as it was."""
         active, foreign = self._classify_grads()
         if active == []:
             return None
         return functools.partial(self._prepare, state, active, foreign)
 
-    def _prepare(self, state, active, foreign) -> list:
+    def _prepare(self, state, active, foreign):
         if foreign:
             views = [self.views["grad"][i] for i, _ in foreign]
             torch._foreach_copy_(views, [g for _, g in foreign])
@@ -181,40 +189,62 @@ class FlatBuffer:
                 if not self.initialized[i]:
                     self._init_state(i, state)
             self.all_initialized = all(self.initialized)
-        if active is None:
-            self.steps.add_(1)
-        else:
-            self.steps[active] += 1
-        return self._runs(active, self.steps.tolist())
+        return active
 
-    def launch(self, runs, step_fn, clip_coef=None) -> None:
-        """One `step_fn` call per run (see _runs)."""
+    def launch(self, active, step_fn, clip_coef=None, found_inf=None) -> None:
+        """Count the step, then one `step_fn` call per run (see _runs). With `found_inf` (a
+        device scalar, nonzero to skip) the step counts only where it is zero, on the device."""
+        self._count_step(active, found_inf)
         m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
         vmax, master = self.state.get("max_exp_avg_sq"), self.state.get(MASTER_KEY)
         rounding = {} if self.may_round_stochastically else {"stochastic_rounding_seed": None}
-        for start, end, step in runs:
+        skip = {} if found_inf is None else {"found_inf": found_inf}
+        steps = self.steps if self.device_steps else self.steps.tolist()
+        for start, end, first in self._runs(active, self.history if self.device_steps else steps):
             step_fn(self.param[start:end], self.grad[start:end], m[start:end], v[start:end],
                     None if vmax is None else vmax[start:end],
-                    None if master is None else master[start:end], step=step, index_base=start,
-                    clip_coef=clip_coef, **rounding)
+                    None if master is None else master[start:end], step=steps[first],
+                    index_base=start, clip_coef=clip_coef, **rounding, **skip)
 
-    def grad_norms(self, runs) -> list[torch.Tensor]:
-        """fp32 2-norms of the grads of `runs`: only params that have a grad this step."""
-        return [torch.linalg.vector_norm(self.grad[start:end], dtype=torch.float32)
-                for start, end, _ in runs]
+    def _count_step(self, active, found_inf) -> None:
+        index = slice(None) if active is None else active
+        if found_inf is None:
+            self.steps[index] += 1
+        else:  # on the device: no host sync
+            self.steps[index] += 1 - found_inf.to(self.steps.device)
+        # Params with grads in the same step() calls have equal step counts whatever was
+        # skipped: the key device-step runs are grouped by (their values are not read).
+        if self.device_steps:
+            self.calls += 1
+            for i in range(len(self.params)) if active is None else active:
+                self.history[i] = hash((self.history[i], self.calls))
 
-    def _runs(self, active, steps):
-        """Maximal spans of consecutive active segments that share a step count: one span, the
-        whole buffer, unless some grads are None or params joined at different times."""
-        if active is None and min(steps, default=0) == max(steps, default=0):
-            return [(0, self.total, steps[0])] if steps else []
+    def spans(self, active) -> list[tuple[int, int]]:
+        """Contiguous spans of the segments that have a grad this step."""
+        if active is None:
+            return [(0, self.total)]
+        spans = []
+        for i in active:
+            start, end = self.bounds[i], self.bounds[i + 1]
+            if spans and spans[-1][1] == start:
+                spans[-1] = (spans[-1][0], end)
+            else:
+                spans.append((start, end))
+        return spans
+
+    def _runs(self, active, keys):
+        """Maximal spans of consecutive active segments with one step count (the same key), as
+        (start, end, first segment): one span, the whole buffer, unless some grads are None or
+        params joined at different times."""
+        if active is None and len(set(keys)) <= 1:
+            return [(0, self.total, 0)] if keys else []
         runs = []
         for i in range(len(self.params)) if active is None else active:
             start, end = self.bounds[i], self.bounds[i + 1]
-            if runs and runs[-1][1] == start and runs[-1][2] == steps[i]:
+            if runs and runs[-1][1] == start and keys[runs[-1][2]] == keys[i]:
                 runs[-1][1] = end
             else:
-                runs.append([start, end, steps[i]])
+                runs.append([start, end, i])
         return runs
 
     def zero_grad(self) -> None:
@@ -253,12 +283,26 @@ class GroupBuffers:
                 and [p.data_ptr() for p in params] == self.ptrs)
 
 
-def clip_coefficient(prepared, max_norm: float) -> torch.Tensor | None:
-    """`torch.nn.utils.clip_grad_norm_`'s coefficient for the grads of `prepared` ((buffer, runs)
-    pairs), as a device tensor: min(1, max_norm / (total norm + 1e-6)), no host sync."""
-    norms = [n for buf, runs in prepared for n in buf.grad_norms(runs)]
+def clip_coefficient(prepared, max_norm: float, grad_scale=None) -> torch.Tensor | None:
+    """`torch.nn.utils.clip_grad_norm_`'s coefficient for the grads of `prepared` ((buffer,
+    active) pairs), as a device tensor: min(1, max_norm / (total norm + 1e-6)), no host sync.
+    With `grad_scale` the grads are scaled: the norm is of the unscaled ones."""
+    norms = [torch.linalg.vector_norm(buf.grad[start:end], dtype=torch.float32)
+             for buf, active in prepared for start, end in buf.spans(active)]
     if not norms:
         return None
     device = norms[0].device
     total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+    if grad_scale is not None:
+        total = total / grad_scale.to(device)
     return torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+
+def nonfinite(prepared) -> torch.Tensor | None:
+    """1.0 on the device when any grad of `prepared` is inf or NaN, else 0.0: no host sync."""
+    flags = [~torch.isfinite(buf.grad[start:end]).all()
+             for buf, active in prepared for start, end in buf.spans(active)]
+    if not flags:
+        return None
+    device = flags[0].device
+    return torch.stack([f.to(device) for f in flags]).any().float()

@@ -12,7 +12,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import backends
-from .flat import GroupBuffers, Layout, buffer_key, clip_coefficient
+from .flat import GroupBuffers, Layout, buffer_key, clip_coefficient, nonfinite
 from .functional import adam_step_
 
 
@@ -33,6 +33,9 @@ class FusedAdam(Optimizer):
       max_grad_norm: clip the group's grads to this global 2-norm inside the step, as
         `torch.nn.utils.clip_grad_norm_(group params, max_grad_norm)` before AdamW would; the
         coefficient is computed and applied on the device (one norm pass, no host sync).
+      skip_nonfinite: a step in which any grad is inf or NaN changes no param or state and does
+        not count (`skipped_steps` counts it), decided on the device; step counts then live on
+        the device, and a GradScaler's unscale and skip happen inside the update kernel.
       backend: "auto" (default), "triton", "cuda", "cpu" or "torch"; see `fused_adam.backends`.
     """
 
@@ -43,8 +46,12 @@ class FusedAdam(Optimizer):
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
                  bias_correction=True, master_weights=False, state_dtype=None,
-                 stochastic_rounding=False, seed=0, max_grad_norm=None, backend="auto"):
+                 stochastic_rounding=False, seed=0, max_grad_norm=None, skip_nonfinite=False,
+                 backend="auto"):
         _check_hyperparameters(lr, betas, eps, weight_decay, foreach, fused)
+        if stochastic_rounding and skip_nonfinite:
+            raise ValueError("stochastic_rounding keys its random bits on the step count, which "
+                             "skip_nonfinite keeps on the device: use one of them")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
         _check_state_dtype(state_dtype)
@@ -61,8 +68,12 @@ class FusedAdam(Optimizer):
                         decoupled_weight_decay=decoupled_weight_decay,
                         bias_correction=bias_correction, master_weights=bool(master_weights),
                         state_dtype=state_dtype, stochastic_rounding=bool(stochastic_rounding),
-                        seed=int(seed), max_grad_norm=max_grad_norm, backend=backend)
+                        seed=int(seed), max_grad_norm=max_grad_norm,
+                        skip_nonfinite=bool(skip_nonfinite), backend=backend)
         super().__init__(params, defaults)
+        # GradScaler then hands us grad_scale/found_inf instead of unscaling and syncing itself:
+        # worth it only where the step count lives on the device (skip_nonfinite).
+        self._step_supports_amp_scaling = bool(skip_nonfinite)
         for group in self.param_groups:
             for device, dtype, _ in {buffer_key(p) for p in group["params"]}:
                 self._check_backend(group["backend"], device, dtype)
@@ -81,6 +92,7 @@ class FusedAdam(Optimizer):
             group.setdefault("stochastic_rounding", False)
             group.setdefault("seed", 0)
             group.setdefault("max_grad_norm", None)
+            group.setdefault("skip_nonfinite", False)
             group.setdefault("backend", self.defaults.get("backend", "auto"))
             for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None),
                                ("capturable", False), ("differentiable", False),
@@ -163,14 +175,35 @@ class FusedAdam(Optimizer):
                     self._check_backend(group["backend"], buf.device, buf.dtype)
                     todo.append((buf, prepare))
             updates.append((group, step_fn, todo))
-        for group, step_fn, todo in updates:
-            prepared = [(buf, prepare()) for buf, prepare in todo]
-            coef = None
+        prepared = [[(buf, prepare()) for buf, prepare in todo] for _, _, todo in updates]
+        # GradScaler sets grad_scale (None once unscaled) and found_inf for this call when
+        # _step_supports_amp_scaling; skip_nonfinite looks at every grad of the step itself.
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is None and any(g["skip_nonfinite"] for g in self.param_groups):
+            found_inf = nonfinite([p for group_prepared in prepared for p in group_prepared])
+        if found_inf is not None:
+            found_inf = found_inf.float()
+            counted = self.__dict__.get("_skipped_steps")
+            if counted is None or counted.device != found_inf.device:
+                counted = torch.zeros((), device=found_inf.device)
+            self.__dict__["_skipped_steps"] = counted + found_inf
+        for (group, step_fn, _), group_prepared in zip(updates, prepared):
+            multiplier = None
             if group["max_grad_norm"] is not None:
-                coef = clip_coefficient(prepared, group["max_grad_norm"])
-            for buf, runs in prepared:
-                buf.launch(runs, step_fn, None if coef is None else coef.to(buf.device))
+                multiplier = clip_coefficient(group_prepared, group["max_grad_norm"], grad_scale)
+            if grad_scale is not None:
+                inverse = grad_scale.double().reciprocal().float()
+                multiplier = inverse if multiplier is None else multiplier * inverse.to(multiplier.device)
+            for buf, active in group_prepared:
+                buf.launch(active, step_fn, None if multiplier is None else multiplier.to(buf.device),
+                           None if found_inf is None else found_inf.to(buf.device))
         return loss
+
+    @property
+    def skipped_steps(self) -> torch.Tensor:
+        """How many steps were skipped for a non-finite grad (skip_nonfinite, GradScaler): a
+        tensor on the device where it was decided, so reading it is the only sync."""
+        return self.__dict__.get("_skipped_steps", torch.zeros(()))
 
 
 class FusedAdamW(FusedAdam):
@@ -180,14 +213,15 @@ class FusedAdamW(FusedAdam):
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, bias_correction=True, master_weights=False,
                  state_dtype=None, stochastic_rounding=False, seed=0, max_grad_norm=None,
-                 backend="auto"):
+                 skip_nonfinite=False, backend="auto"):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, bias_correction=bias_correction,
                          master_weights=master_weights, state_dtype=state_dtype,
                          stochastic_rounding=stochastic_rounding, seed=seed,
-                         max_grad_norm=max_grad_norm, backend=backend)
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
+                         backend=backend)
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -3,13 +3,17 @@
     unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None
     adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, *, decay,
                weight_decay, lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
-               maximize, decoupled, sr_key, index_base, clip_coef) -> None  # in place
+               maximize, decoupled, sr_key, index_base, clip_coef, device_scalars,
+               found_inf) -> None  # in place
 
 Each tensor may be float32, bfloat16 or float16 independently (`master`, when given, is the
 fp32 copy of a low-precision param: the math updates it and the param gets its rounding).
 `sr_key` (a uint32, or None) asks for stochastic rounding of a bf16 param, with the random bits
 of element i keyed on (sr_key, index_base + i) as csrc/adam_math.h defines. `clip_coef` (a
 one-element fp32 tensor on the device, or None) multiplies the grads before anything else.
+`device_scalars` (fp32 [decay, neg_step_size, bc2_sqrt] on the device, or None) replaces those
+three arguments; `found_inf` (a device scalar, or None) skips the whole update when nonzero.
+Both are read by the kernel: no host sync.
 
 Names: "torch" (reference, any device), "triton" (CUDA; CPU under TRITON_INTERPRET=1), "cpu" and
 "cuda" (the compiled extension in csrc/, see fused_adam._ext).

@@ -32,13 +32,21 @@ def _scratch(like: torch.Tensor, slot: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[: like.numel()].view_as(like)
 
 
-def adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, *, decay, weight_decay,
-               lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
-               maximize, decoupled, sr_key, index_base, clip_coef):
-    scalars = dict(decay=decay, weight_decay=weight_decay, lerp_weight=lerp_weight, beta2=beta2,
-                   one_minus_beta2=one_minus_beta2, neg_step_size=neg_step_size,
-                   bc2_sqrt=bc2_sqrt, eps=eps, maximize=maximize, decoupled=decoupled,
-                   clip_coef=clip_coef)
+def adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, *, sr_key, index_base,
+               device_scalars, found_inf, **scalars):
+    """The registry's interface; `scalars`: decay, weight_decay, lerp_weight, beta2,
+    one_minus_beta2, neg_step_size, bc2_sqrt, eps, maximize, decoupled, clip_coef."""
+    if device_scalars is not None:  # 0-dim device tensors: the ops below take them as they are
+        scalars["decay"], scalars["neg_step_size"], scalars["bc2_sqrt"] = device_scalars.unbind()
+    outputs = [t for t in (param, exp_avg, exp_avg_sq, max_exp_avg_sq, master) if t is not None]
+    saved = None if found_inf is None else [t.clone() for t in outputs]
+    _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, sr_key, index_base, scalars)
+    if saved is not None:  # a skipped step: every output as it was, decided on the device
+        for out, old in zip(outputs, saved):
+            torch.where(found_inf != 0, old, out, out=out)
+
+
+def _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, sr_key, index_base, scalars):
     tensors = [param, grad, exp_avg, exp_avg_sq] + ([] if max_exp_avg_sq is None else [max_exp_avg_sq])
     if master is None and len({t.dtype for t in tensors}) == 1 and param.dtype in (torch.float32, torch.float64):
         return _adam_ops(*tensors[:4], max_exp_avg_sq, **scalars)
@@ -97,4 +105,8 @@ def _adam_ops(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, decay, weight
     if max_exp_avg_sq is not None:
         second = torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
     denom = torch.sqrt(second, out=tmp).div_(bc2_sqrt).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=neg_step_size)
+    if torch.is_tensor(neg_step_size):  # addcdiv_ takes a number: its op order, spelled out
+        update = torch.mul(exp_avg, neg_step_size, out=_scratch(param, 6, param.dtype))
+        param.add_(update.div_(denom))
+    else:
+        param.addcdiv_(exp_avg, denom, value=neg_step_size)

@@ -75,12 +75,19 @@ def _bf16_stochastic(p, key, index):
 @triton.jit
 def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, n_elements, decay, weight_decay,
                  lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, sr_key,
-                 index_base, clip_ptr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-                 DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
-                 STOCHASTIC: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
+                 index_base, clip_ptr, scalars_ptr, found_ptr, MAXIMIZE: tl.constexpr,
+                 WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
+                 MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, CLIP: tl.constexpr,
+                 DEVICE_SCALARS: tl.constexpr, SKIP: tl.constexpr, BLOCK: tl.constexpr):
     # int64 offsets: flat buffers of large models pass 2**31 elements.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if SKIP:  # found_inf, decided on the device: every load and store masked off
+        n_elements = tl.where(tl.load(found_ptr) == 0, n_elements, 0)
     mask = offs < n_elements
+    if DEVICE_SCALARS:  # computed on the device from the device step count
+        decay = tl.load(scalars_ptr)
+        neg_step_size = tl.load(scalars_ptr + 1)
+        bc2_sqrt = tl.load(scalars_ptr + 2)
     # With a master copy (w, fp32) the math updates the master; the param is its rounded image.
     if MASTER:
         p = tl.load(w_ptr + offs, mask=mask)
@@ -124,7 +131,7 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, *, decay, weight_decay,
                lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
-               maximize, decoupled, sr_key, index_base, clip_coef):
+               maximize, decoupled, sr_key, index_base, clip_coef, device_scalars, found_inf):
     if sr_key is not None and (param.dtype != torch.bfloat16 or master is not None):
         raise ValueError("stochastic rounding applies to bfloat16 params without a master copy")
     tensors = tuple(t for t in (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master)
@@ -140,7 +147,9 @@ def adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, *, deca
         param if master is None else master, n,
         decay, weight_decay, lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
         0 if sr_key is None else sr_key, index_base, param if clip_coef is None else clip_coef,
+        param if device_scalars is None else device_scalars,
+        param if found_inf is None else found_inf,
         MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0, DECOUPLED=decoupled, AMSGRAD=amsgrad,
         MASTER=master is not None, STOCHASTIC=sr_key is not None, CLIP=clip_coef is not None,
-        BLOCK=BLOCK,
+        DEVICE_SCALARS=device_scalars is not None, SKIP=found_inf is not None, BLOCK=BLOCK,
         num_warps=NUM_WARPS, enable_fp_fusion=False)

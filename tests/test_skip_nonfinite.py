@@ -1,0 +1,79 @@
+"""skip_nonfinite and GradScaler's in-kernel protocol: a step with an inf/NaN grad leaves every
+param and state bit-identical and does not count, decided on the device with no host sync."""
+import pytest
+import torch
+
+from conftest import CASES, SHAPES, assert_optimizers_match, clone_params, make_params, set_grads
+from fused_adam import FusedAdamW
+
+
+def _snapshot(opt):
+    params = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    return params, state
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_nonfinite_step_changes_nothing(device, backend, bad):
+    params = make_params(SHAPES, device)
+    ref_params = clone_params(params)
+    ours = FusedAdamW(params, lr=1e-2, amsgrad=True, skip_nonfinite=True, backend=backend)
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, amsgrad=True, foreach=False)
+    for step in range(6):
+        set_grads(params, ref_params, step, skip={2} if step == 1 else set())
+        if step == 3:
+            params[4].grad.view(-1)[5] = bad  # the reference simply does not step
+            before = _snapshot(ours)
+            ours.step()
+            after = _snapshot(ours)
+            assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+            assert all(torch.equal(before[1][k][n], after[1][k][n]) for k in before[1] for n in before[1][k])
+            continue
+        ours.step()
+        ref.step()
+    assert float(ours.skipped_steps) == 1.0
+    assert ours.state[params[0]]["step"].device.type == device  # on the device, like torch fused
+    assert_optimizers_match(ours, ref, backend)
+
+
+def test_no_host_sync_in_the_step(monkeypatch):
+    params = make_params(SHAPES, "cpu")
+    opt = FusedAdamW(params, skip_nonfinite=True, max_grad_norm=1.0)
+    set_grads(params, clone_params(params), 0)
+    opt.step()
+
+    def refuse(*args):
+        raise AssertionError("host sync in the step")
+
+    for name in ("item", "__bool__", "__float__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    params[0].grad.fill_(float("inf"))
+    opt.step()
+    opt.step()
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_grad_scaler_in_kernel(device, backend):
+    """With skip_nonfinite the GradScaler hands over grad_scale and found_inf: the unscale and the
+    skip happen in the kernel; results match torch.optim.AdamW driven by the same scaler."""
+    torch.manual_seed(0)
+    model, ref_model = torch.nn.Linear(8, 4).to(device), torch.nn.Linear(8, 4).to(device)
+    ref_model.load_state_dict(model.state_dict())
+    opt = FusedAdamW(model.parameters(), lr=1e-2, skip_nonfinite=True, backend=backend)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=False)
+    assert opt._step_supports_amp_scaling
+    scalers = [torch.amp.GradScaler(device, init_scale=1024.0) for _ in range(2)]
+    x = torch.randn(16, 8, device=device)
+    for step in range(4):
+        for m, o, s in ((model, opt, scalers[0]), (ref_model, ref, scalers[1])):
+            o.zero_grad()
+            s.scale(m(x).square().mean()).backward()
+            if step == 2:
+                m.weight.grad[0, 0] = float("inf")
+            s.step(o)
+            s.update()
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 512.0
+    assert float(opt.skipped_steps) == 1.0 and float(opt.state[model.weight]["step"]) == 3.0
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
