@@ -52,7 +52,7 @@ class Layout:
 
     amsgrad: bool = False
     master_weights: bool = False
-    device_steps: bool = False  # skip_nonfinite: step counts on the device
+    device_steps: bool = False  # skip_nonfinite or capturable: step counts on the device
     exp_avg_dtype: torch.dtype | None = None  # None: fp32 with master weights, else the param's
     exp_avg_sq_dtype: torch.dtype | None = None  # max_exp_avg_sq follows it
 
@@ -62,7 +62,8 @@ class Layout:
         if not isinstance(dtypes, dict):
             dtypes = {"exp_avg": dtypes, "exp_avg_sq": dtypes}
         return cls(bool(group["amsgrad"]), bool(group.get("master_weights", False)),
-                   bool(group.get("skip_nonfinite", False)), dtypes.get("exp_avg"),
+                   bool(group.get("skip_nonfinite", False) or group.get("capturable", False)),
+                   dtypes.get("exp_avg"),
                    dtypes.get("exp_avg_sq"))
 
     def state_dtype(self, key: str, param_dtype: torch.dtype) -> torch.dtype:

@@ -24,21 +24,25 @@ def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     on every backend. `clip_coef`, a one-element fp32 tensor on the param's device (computed
     there, e.g. from the grads' norm), multiplies the grads first, read by the kernel: no sync.
     `step` may be a 0-dim tensor (the step count on the device): bias corrections and step size
-    are then computed on the device, and with `found_inf` (nonzero: skip) nothing is written.
+    are then computed on the device (with `lr` a float or a device tensor), and with `found_inf`
+    (nonzero: skip) nothing is written.
 
     `step` is the step count including this one (1 on the first step). The scalars are computed
     once here in double precision, as `_single_tensor_adam` computes them in Python; kernels
     receive them rounded to fp32, as ATen's ops do.
     """
-    lr, beta1, beta2, weight_decay = float(lr), float(beta1), float(beta2), float(weight_decay)
+    beta1, beta2, weight_decay = float(beta1), float(beta2), float(weight_decay)
     device_scalars = None
-    if torch.is_tensor(step):
+    if torch.is_tensor(step):  # a tensor lr stays a tensor: read on the device
         if stochastic_rounding_seed is not None:
             raise ValueError("stochastic rounding needs the step count on the host")
+        if torch.is_tensor(lr):
+            lr = lr.to(param.device, torch.float64)
         device_scalars = _device_scalars(step.to(param.device, torch.float64), lr, beta1, beta2,
                                          weight_decay, bias_correction)
         decay = neg_step_size = bc2_sqrt = 0.0  # read from device_scalars
     else:
+        lr = float(lr)
         bc1 = 1 - beta1**step if bias_correction else 1.0
         bc2 = 1 - beta2**step if bias_correction else 1.0
         decay, neg_step_size, bc2_sqrt = 1 - lr * weight_decay, -(lr / bc1), bc2**0.5

@@ -36,6 +36,8 @@ class FusedAdam(Optimizer):
       skip_nonfinite: a step in which any grad is inf or NaN changes no param or state and does
         not count (`skipped_steps` counts it), decided on the device; step counts then live on
         the device, and a GradScaler's unscale and skip happen inside the update kernel.
+      capturable: step counts, bias corrections and lr (a tensor lr is read on the device) stay
+        on the device, so the step has no host sync and captures in a CUDA graph.
       backend: "auto" (default), "triton", "cuda", "cpu" or "torch"; see `fused_adam.backends`.
     """
 
@@ -49,9 +51,9 @@ class FusedAdam(Optimizer):
                  stochastic_rounding=False, seed=0, max_grad_norm=None, skip_nonfinite=False,
                  backend="auto"):
         _check_hyperparameters(lr, betas, eps, weight_decay, foreach, fused)
-        if stochastic_rounding and skip_nonfinite:
+        if stochastic_rounding and (skip_nonfinite or capturable):
             raise ValueError("stochastic_rounding keys its random bits on the step count, which "
-                             "skip_nonfinite keeps on the device: use one of them")
+                             "skip_nonfinite and capturable keep on the device: use one of them")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
         _check_state_dtype(state_dtype)
@@ -59,12 +61,11 @@ class FusedAdam(Optimizer):
             raise ValueError("stochastic_rounding applies to bfloat16 params without master weights")
         if differentiable:
             raise RuntimeError("`fused` does not support `differentiable`")
-        if capturable:
-            raise NotImplementedError("fused_adam does not support capturable=True yet")
         backends.check_name(backend)
         defaults = dict(lr=lr, betas=tuple(float(b) for b in betas), eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                        foreach=foreach, capturable=False, differentiable=False, fused=fused,
+                        foreach=foreach, capturable=bool(capturable), differentiable=False,
+                        fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay,
                         bias_correction=bias_correction, master_weights=bool(master_weights),
                         state_dtype=state_dtype, stochastic_rounding=bool(stochastic_rounding),
@@ -72,8 +73,8 @@ class FusedAdam(Optimizer):
                         skip_nonfinite=bool(skip_nonfinite), backend=backend)
         super().__init__(params, defaults)
         # GradScaler then hands us grad_scale/found_inf instead of unscaling and syncing itself:
-        # worth it only where the step count lives on the device (skip_nonfinite).
-        self._step_supports_amp_scaling = bool(skip_nonfinite)
+        # worth it only where the step count lives on the device (skip_nonfinite, capturable).
+        self._step_supports_amp_scaling = bool(skip_nonfinite or capturable)
         for group in self.param_groups:
             for device, dtype, _ in {buffer_key(p) for p in group["params"]}:
                 self._check_backend(group["backend"], device, dtype)

@@ -39,6 +39,16 @@ TOLERANCE = {
 }
 
 
+def forbid_host_sync(monkeypatch, names=("item", "__bool__", "__float__", "tolist")):
+    """From here on any read of a tensor's value on the host (.item(), bool(), float(),
+    .tolist()) fails the test: what a GPU step must not do."""
+    def refuse(*args):
+        raise AssertionError("host sync in the step")
+
+    for name in names:
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
 def skip_if_interpreted_bf16(device, backend, dtypes):
     """triton 3.9's interpreter truncates fp32 -> bf16 instead of rounding to nearest even (see
     test_kernels_agree.py, where that is an expected failure); bf16 results of the interpreted

@@ -65,8 +65,6 @@ def test_tensor_lr_is_accepted():
 def test_unsupported_modes_raise():
     with pytest.raises(RuntimeError, match="`fused` does not support `differentiable`"):
         FusedAdam(P, differentiable=True)
-    with pytest.raises(NotImplementedError, match="capturable"):
-        FusedAdam(P, capturable=True)
 
 
 def test_unknown_backend():
