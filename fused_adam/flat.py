@@ -57,14 +57,15 @@ class Layout:
     exp_avg_sq_dtype: torch.dtype | None = None  # max_exp_avg_sq follows it
 
     @classmethod
-    def of(cls, group: dict) -> "Layout":
+    def of(cls, group: dict, device_steps: bool = False) -> "Layout":
+        """The layout a group's options ask for; `device_steps` forces step counts onto the
+        device (the optimizer has seen a GradScaler)."""
         dtypes = group.get("state_dtype")
         if not isinstance(dtypes, dict):
             dtypes = {"exp_avg": dtypes, "exp_avg_sq": dtypes}
+        device_steps = device_steps or group.get("skip_nonfinite") or group.get("capturable")
         return cls(bool(group["amsgrad"]), bool(group.get("master_weights", False)),
-                   bool(group.get("skip_nonfinite", False) or group.get("capturable", False)),
-                   dtypes.get("exp_avg"),
-                   dtypes.get("exp_avg_sq"))
+                   bool(device_steps), dtypes.get("exp_avg"), dtypes.get("exp_avg_sq"))
 
     def state_dtype(self, key: str, param_dtype: torch.dtype) -> torch.dtype:
         chosen = self.exp_avg_dtype if key == "exp_avg" else self.exp_avg_sq_dtype

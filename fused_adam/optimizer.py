@@ -43,6 +43,12 @@ class FusedAdam(Optimizer):
 
     _layout: list[GroupBuffers] | None = None
     _layout_state = None
+    # torch.amp.GradScaler's protocol: it sets `grad_scale` (None once unscaled) and `found_inf`
+    # for each step() call instead of unscaling and checking found_inf on the host; the unscale
+    # and the skip then happen in the update kernel. Once a scaler has been seen (`_amp`), step
+    # counts move to the device, so a skipped step is not counted without a host sync.
+    _step_supports_amp_scaling = True
+    _amp = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
@@ -72,9 +78,6 @@ class FusedAdam(Optimizer):
                         seed=int(seed), max_grad_norm=max_grad_norm,
                         skip_nonfinite=bool(skip_nonfinite), backend=backend)
         super().__init__(params, defaults)
-        # GradScaler then hands us grad_scale/found_inf instead of unscaling and syncing itself:
-        # worth it only where the step count lives on the device (skip_nonfinite, capturable).
-        self._step_supports_amp_scaling = bool(skip_nonfinite or capturable)
         for group in self.param_groups:
             for device, dtype, _ in {buffer_key(p) for p in group["params"]}:
                 self._check_backend(group["backend"], device, dtype)
@@ -133,7 +136,7 @@ class FusedAdam(Optimizer):
         layout = self._layout
         del layout[len(self.param_groups):]
         for i, group in enumerate(self.param_groups):
-            options = Layout.of(group)
+            options = Layout.of(group, self._amp)
             if i == len(layout) or not layout[i].is_current(group["params"], options):
                 buffers = GroupBuffers(group["params"], options, self.state)
                 layout[i:i + 1] = [buffers]
@@ -141,7 +144,7 @@ class FusedAdam(Optimizer):
     def _layout_is_current(self) -> bool:
         return (self._layout is not None and self._layout_state is self.state
                 and len(self._layout) == len(self.param_groups)
-                and all(gb.is_current(g["params"], Layout.of(g))
+                and all(gb.is_current(g["params"], Layout.of(g, self._amp))
                         for g, gb in zip(self.param_groups, self._layout)))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -157,6 +160,8 @@ class FusedAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if getattr(self, "found_inf", None) is not None and not self._amp:
+            self._amp = True  # a GradScaler: re-pack once with step counts on the device
         self._sync_layout()
         # Every check runs before the first update: a step that raises changes nothing.
         updates = []  # (group, step_fn, [(buffer, prepare)])

@@ -74,3 +74,18 @@ def test_grad_scaler_in_kernel(device, backend):
     assert float(opt.skipped_steps) == 1.0 and float(opt.state[model.weight]["step"]) == 3.0
     for a, b in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_scaler_protocol_needs_no_host_sync(monkeypatch):
+    """What GradScaler.step does around our step(): set grad_scale and found_inf, call step."""
+    params = make_params(SHAPES, "cpu")
+    opt = FusedAdamW(params)
+    for step, found in enumerate((0.0, 1.0, 0.0)):
+        set_grads(params, clone_params(params), step)
+        opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(found)
+        if step == 1:  # the first call re-packed with device step counts; from here: no sync
+            forbid_host_sync(monkeypatch)
+        opt.step()
+        del opt.grad_scale, opt.found_inf
+    monkeypatch.undo()
+    assert float(opt.skipped_steps) == 1.0 and float(opt.state[params[0]]["step"]) == 2.0
