@@ -6,6 +6,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -37,11 +38,11 @@ MODES = {
 BF16 = {"p_ptr", "g_ptr"}
 
 
-def _compile(arch, mode):
+def _compile(arch, mode, pointer_types=None):
     names = _adam_kernel.arg_names
     constexprs = dict(dict(CLIP=False, DEVICE_SCALARS=False, SKIP=False), **MODES[mode], BLOCK=BLOCK)
     low = BF16 if MODES[mode]["MASTER"] or MODES[mode]["STOCHASTIC"] else set()
-    signature = {n: "*bf16" if n in low else "*fp32" for n in POINTERS}
+    signature = {n: "*bf16" if n in low else "*fp32" for n in POINTERS} | (pointer_types or {})
     signature |= {"n_elements": "i64"} | {n: "fp32" for n in SCALARS}
     signature |= {"sr_key": "i64", "index_base": "i64", "clip_ptr": "*fp32",
                   "scalars_ptr": "*fp32", "found_ptr": "*fp32"}
@@ -52,6 +53,17 @@ def _compile(arch, mode):
                     constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=NUM_WARPS, enable_fp_fusion=False))
+
+
+def _ptxas_report(arch, ptx, tmp_path):
+    ptxas = _ptxas(arch)
+    if ptxas is None:
+        pytest.skip("no ptxas")
+    path = tmp_path / "k.ptx"
+    path.write_text(ptx)
+    arch_name = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    return subprocess.run([ptxas, "-v", f"-arch={arch_name}", str(path), "-o", str(tmp_path / "k.cubin")],
+                          capture_output=True, text=True, check=True).stderr
 
 
 def _ptxas(arch):
@@ -85,13 +97,25 @@ def test_ptx_is_vectorized_and_exact(arch, mode, tmp_path):
     assert re.search(r"mul\.wide\.u32\s+%rd\d+, %r\d+, " + str(BLOCK), ptx), "offsets not 64-bit"
     assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx
     assert ".local" not in ptx
-    ptxas = _ptxas(arch)
-    if ptxas is None:
-        pytest.skip("no ptxas")
-    path = tmp_path / "k.ptx"
-    path.write_text(ptx)
-    arch_name = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-    out = subprocess.run([ptxas, "-v", f"-arch={arch_name}", str(path), "-o", str(tmp_path / "k.cubin")],
-                         capture_output=True, text=True, check=True).stderr
+    out = _ptxas_report(arch, ptx, tmp_path)
     assert "0 bytes spill stores, 0 bytes spill loads" in out, out
     assert "0 bytes stack frame" in out, out
+
+
+TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+COMBINATIONS = [  # (param, grad, exp_avg, exp_avg_sq, master copy)
+    (p, g, m, v, master)
+    for p in TYPES for g in dict.fromkeys((p, torch.float32)) for m in (torch.float32, torch.bfloat16)
+    for v in (torch.float32, torch.bfloat16) for master in ((False, True) if p != torch.float32 else (False,))
+]
+
+
+@pytest.mark.parametrize("types", COMBINATIONS, ids=lambda c: "-".join(
+    [str(t).split(".")[1] for t in c[:4]] + (["master"] if c[4] else [])))
+def test_every_dtype_combination_compiles_without_spills(types, tmp_path):
+    p, g, m, v, master = types
+    pointers = {"p_ptr": TYPES[p], "g_ptr": TYPES[g], "m_ptr": TYPES[m], "v_ptr": TYPES[v],
+                "vmax_ptr": TYPES[v], "w_ptr": "*fp32"}
+    mode = "bf16-master" if master else "adamw-amsgrad"
+    out = _ptxas_report(90, _compile(90, mode, pointers).asm["ptx"], tmp_path)
+    assert "0 bytes spill stores, 0 bytes spill loads" in out and "0 bytes stack frame" in out, out
