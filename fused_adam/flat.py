@@ -123,8 +123,9 @@ class FlatBuffer:
             for i, p in enumerate(self.params):
                 s = state.get(p)
                 self.initialized[i] = bool(s)
-                self.steps[i] = float(s["step"]) if s else 0.0
-                self.history[i] = hash(float(self.steps[i]))  # loading may read values
+                step = float(s["step"]) if s else 0.0  # loading may read values
+                self.steps[i] = step
+                self.history[i] = hash(step)
                 for key, views in self.views.items():
                     if key == "param" or key == "grad":
                         continue
