@@ -1,6 +1,8 @@
 # make test   : set up .venv (torch 2.13.0 CPU wheel, triton, pytest, ninja), build the extension
 #               (csrc/, into fused_adam/_C) and run every test
-# make bench  : the benchmark on the best device here; table + JSON under bench/results/
+# make bench  : the benchmark on the best device here: table, JSON/CSV and plots under
+#               bench/results/, then the README's results section regenerated from them
+# make demo   : the convergence demo (bench/convergence.py): torch.optim.AdamW vs ours, ~1 min
 # make gpu-check : on a GPU box with its own torch/triton (no network, no venv): tests + benchmark
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.9.0
 
-.PHONY: test bench gpu-check clean
+.PHONY: test bench demo gpu-check clean
 
 # A python that already has torch (a GPU box) keeps it: the venv then sees system packages and
 # pip installs only what is missing, so an unpinned torch (a multi-GB CUDA build) is never pulled.
@@ -20,7 +22,8 @@ $(VENV)/.ready: Makefile
 	fi
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON)"
-	@$(PY) -c "import pytest, numpy, ninja" 2>/dev/null || $(PY) -m pip install -q pytest numpy ninja
+	@$(PY) -c "import pytest, numpy, ninja, matplotlib" 2>/dev/null || \
+		$(PY) -m pip install -q pytest numpy ninja matplotlib
 	@touch $@
 
 # The extension is optional: a failed build leaves the package working (see `pip install -v .`).
@@ -34,6 +37,10 @@ test: $(VENV)/.ext
 
 bench: $(VENV)/.ext
 	PYTHONPATH=. $(PY) bench/bench.py
+	$(PY) bench/report.py
+
+demo: $(VENV)/.ext
+	PYTHONPATH=. $(PY) bench/convergence.py
 
 gpu-check:
 	PYTHONPATH=. $(PYTHON) bench/gpu_check.py

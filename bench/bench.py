@@ -1,20 +1,36 @@
-"""One optimizer step of fused_adam against torch.optim.AdamW (for-loop, foreach, fused).
+"""`make bench`: one optimizer step of fused_adam against torch.optim.AdamW (for-loop, foreach, fused).
 
-All providers run in one process on copies of the same params and grads, interleaved round by
-round, so machine noise hits them alike; the table gives medians and the ratio to torch fused.
-Bytes model (fp32, no amsgrad): read p, g, m, v + write p, m, v = 28 B/param; GB/s is that over
-the median time, and "% copy" compares it with a plain device copy (read + write) timed here too.
-The one-tensor shape also runs the mixed-precision options, each with its own bytes/param.
+Sections (all by default):
+  sweep      one tensor of 2**k elements (CPU k = 12..26, GPU 12..28): GB/s from the bytes model
+             and as % of a device copy of the same size timed in the same rounds
+  models     GPT-2 124M, a Llama-style 1B (CPU: widths / 4, the same 146 tensors), ViT-B/16 and
+             1024 x 16K: ms/step and the ratio to torch fused
+  small      1000 tensors of 1 to 4K elements, where launches and Python dominate: host time of
+             one step() call (on CPU the whole step)
+  precision  one 16M tensor: the mixed-precision options, each with its own bytes/param
 
-    python bench/bench.py [--device cpu|cuda] [--shapes one_16m many_16k gpt2_124m] [--reps N]
+Every provider steps its own copy of identical params and grads; all run in one process,
+interleaved round by round, so machine noise hits them alike. CPU: perf_counter per step, median of
+at least 11 after 3 warm-up steps. GPU: CUDA events around each step after an L2 flush (as
+triton.testing.do_bench), median of at least 25. Below 4x the last-level cache several copies of
+each optimizer rotate, so that a step does not find its data in cache from the step before.
+Bytes model (bench/NOTES.md): p read+write, g read, m and v read+write: 7 x element size
+(28 B/param in fp32). Writes bench-{device}.json / .csv / .md and the plots under the output dir.
+
+    python bench/bench.py [--device cpu|cuda] [--sections ...] [--sizes LO HI] [--providers ...]
+                          [--dtype fp32|bf16|fp16] [--budget S] [--out DIR]
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
+import itertools
 import json
+import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -23,13 +39,22 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 import fused_adam  # noqa: E402
 
-BYTES_PER_PARAM = 28  # fp32 p, g, m, v read; p, m, v written
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SECTIONS = ("sweep", "models", "small", "precision")
+TORCH_PROVIDERS = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True),
+                   "fused": dict(fused=True)}
+COPY = "device copy"
+WARMUP = 3
+MAX_COPIES = 32  # rotating optimizer copies for small sizes; more only costs set-up time
 
 
-def gpt2_124m_shapes():
+# ---- shapes ----------------------------------------------------------------------------------
+
+def gpt2_124m():
     """GPT-2 small (124M params, lm_head tied to wte): 148 tensors."""
     d, layers = 768, 12
     shapes = [(50257, d), (1024, d)]
@@ -39,92 +64,220 @@ def gpt2_124m_shapes():
     return shapes + [(d,), (d,)]
 
 
-SHAPES = {
-    "one_16m": [(1 << 24,)],
-    "many_16k": [(1 << 14,)] * 1024,
-    "gpt2_124m": gpt2_124m_shapes(),
-}
+def llama_1b(scale=1):
+    """Llama-3.2-1B (tied embeddings, GQA 32/8 heads, SwiGLU): 146 tensors, 1.24B params.
+    `scale` divides the widths (not the vocabulary or the depth): scale 4 keeps the tensor count
+    and gives 126M params, which a 2-core CPU steps in tens of milliseconds."""
+    d, ffn, kv, vocab = 2048 // scale, 8192 // scale, 512 // scale, 128256
+    shapes = [(vocab, d)]
+    for _ in range(16):
+        shapes += [(d,), (d, d), (kv, d), (kv, d), (d, d), (d,), (ffn, d), (ffn, d), (d, ffn)]
+    return shapes + [(d,)]
 
 
-def providers(device):
-    """name -> (constructor(params), param dtype, bytes/param); ours once per backend here."""
-    fp32 = torch.float32
-    out = {f"fused_adam[{b}]": (lambda ps, b=b: fused_adam.FusedAdamW(ps, lr=1e-3, backend=b),
-                                fp32, BYTES_PER_PARAM)
-           for b in fused_adam.available_backends(device)}
-    out["torch for-loop"] = (lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False), fp32, 28)
-    out["torch foreach"] = (lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), fp32, 28)
-    out["torch fused"] = (lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), fp32, 28)
+def vit_b16():
+    """ViT-B/16 at 224x224 with a 1000-class head: 152 tensors, 86.6M params."""
+    d = 768
+    shapes = [(d, 3, 16, 16), (d,), (1, 1, d), (1, 197, d)]
+    for _ in range(12):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,),
+                   (d, 4 * d), (d,)]
+    return shapes + [(d,), (d,), (1000, d), (1000,)]
+
+
+def models(device):
+    scale = 1 if device.type == "cuda" else 4
+    return {"gpt2_124m": gpt2_124m(),
+            "llama_1b" if scale == 1 else "llama_1b/4": llama_1b(scale),
+            "vit_b16": vit_b16(),
+            "many_16k": [(1 << 14,)] * 1024}
+
+
+def small_1000():
+    """1000 tensors of 1 to 4096 elements (seeded), 2.0M params in all."""
+    gen = torch.Generator().manual_seed(1)
+    return [(int(n),) for n in torch.randint(1, 4097, (1000,), generator=gen)]
+
+
+# ---- providers -------------------------------------------------------------------------------
+
+class Provider:
+    """A labelled optimizer constructor and its bytes/param."""
+
+    def __init__(self, label, make, dtype, bytes_per_param):
+        self.label, self.make, self.dtype, self.bytes_per_param = label, make, dtype, bytes_per_param
+
+
+class DeviceCopy:
+    """`dst.copy_(src)` over as many elements as the params: the streaming reference."""
+
+    def __init__(self, params):
+        n = sum(p.numel() for p in params)
+        self.src = torch.ones(n, dtype=params[0].dtype, device=params[0].device)
+        self.dst = torch.empty_like(self.src)
+
+    def step(self):
+        self.dst.copy_(self.src)
+
+
+def providers(device, dtype, keys):
+    """Ours once per backend available here, torch's three implementations, the device copy."""
+    size = torch.finfo(dtype).bits // 8
+    out = {}
+    for b in fused_adam.available_backends(device):
+        if keys is None or b in keys:
+            out[f"fused_adam[{b}]"] = Provider(
+                f"fused_adam[{b}]", lambda ps, b=b: fused_adam.FusedAdamW(ps, lr=1e-3, backend=b),
+                dtype, 7 * size)
+    for key, kw in TORCH_PROVIDERS.items():
+        if keys is None or key in keys:
+            out[f"torch {key}"] = Provider(
+                f"torch {key}", lambda ps, kw=kw: torch.optim.AdamW(ps, lr=1e-3, **kw), dtype, 7 * size)
+    out[COPY] = Provider(COPY, DeviceCopy, dtype, 2 * size)
     return out
 
 
-def precision_providers(device):
+def precision_providers():
     """The mixed-precision options (`auto` backend) and torch fused on bf16 params."""
     bf16, fp32 = torch.bfloat16, torch.float32
     ours = lambda **kw: lambda ps: fused_adam.FusedAdamW(ps, lr=1e-3, **kw)  # noqa: E731
-    return {
+    table = [
         # bf16 p r/w 4, bf16 g 2, fp32 master r/w 8, fp32 m, v r/w 16
-        "fused_adam bf16 + fp32 master": (ours(master_weights=True), bf16, 30),
+        ("fused_adam bf16 + fp32 master", ours(master_weights=True), bf16, 30),
         # fp32 p r/w 8, g 4, bf16 m, v r/w 8
-        "fused_adam fp32, bf16 states": (ours(state_dtype=bf16), fp32, 20),
+        ("fused_adam fp32, bf16 states", ours(state_dtype=bf16), fp32, 20),
         # bf16 p r/w 4, g 2, fp32 m, v r/w 16
-        "fused_adam bf16, stochastic rounding": (
-            ours(stochastic_rounding=True, state_dtype=fp32), bf16, 22),
-        # bf16 p r/w 4, g 2, bf16 m, v r/w 8
-        "torch fused, bf16": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), bf16, 14),
-    }
+        ("fused_adam bf16, stochastic rounding",
+         ours(stochastic_rounding=True, state_dtype=fp32), bf16, 22),
+        # fp32 reference and torch on bf16 (bf16 m, v: 14 B)
+        ("torch fused", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), fp32, 28),
+        ("torch fused, bf16", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), bf16, 14),
+    ]
+    return {label: Provider(label, make, dtype, nbytes) for label, make, dtype, nbytes in table}
 
 
-class Timer:
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
+# ---- timing ----------------------------------------------------------------------------------
+
+def last_level_cache(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        return int(text.rstrip("K")) * 1024
+    except (OSError, ValueError):
+        return 32 << 20
+
+
+def free_memory(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class Clock:
+    """Seconds of one call. GPU: events around it after zeroing a buffer twice the L2 size
+    (at least 256 MB, as triton.testing.do_bench), so the step starts from DRAM. `host`: the
+    time until the call returns, the queue drained before and after (launch + Python cost)."""
+
+    def __init__(self, device, host=False):
+        self.cuda, self.host = device.type == "cuda", host
+        if self.cuda and not host:
+            self.flush = torch.empty(max(256 << 20, 2 * last_level_cache(device)) // 4,
+                                     dtype=torch.int32, device=device)
+            self.events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
 
     def __call__(self, fn) -> float:
-        """Seconds for one call of fn."""
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        if self.cuda and not self.host:
+            self.flush.zero_()
+            self.events[0].record()
             fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
+            self.events[1].record()
+            self.events[1].synchronize()
+            return self.events[0].elapsed_time(self.events[1]) / 1e3
+        if self.cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
-        return time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        if self.cuda:
+            torch.cuda.synchronize()
+        return elapsed
 
 
-def bench_shapes(name, shapes, device, reps, warmup, provider_table):
-    gen = torch.Generator().manual_seed(0)
-    init = [torch.randn(s, generator=gen) for s in shapes]
-    grads = [torch.randn(s, generator=gen) * 1e-2 for s in shapes]
-    timer = Timer(device)
-    runs = {}
-    for pname, (make, dtype, nbytes) in provider_table.items():
-        params = [t.to(device, dtype, copy=True).requires_grad_() for t in init]
-        for p, g in zip(params, grads):
-            p.grad = g.to(device, dtype)
-        opt = make(params)
-        for _ in range(warmup):  # state allocation, kernel compilation, first grad copy-in
+def reps_for(round_s, device, budget):
+    """Timed rounds: enough to fill `budget` seconds, at least 11 (CPU) / 25 (GPU), at most 201."""
+    lo = 25 if device.type == "cuda" else 11
+    return int(min(201, max(lo, budget / max(round_s, 1e-6)))) | 1  # odd: a true median
+
+
+def make_init(shapes, device):
+    """fp32 params and grads (seed 0) that every provider copies."""
+    gen = torch.Generator(device).manual_seed(0)
+    params = [torch.randn(s, device=device, generator=gen) for s in shapes]
+    return params, [torch.randn(s, device=device, generator=gen) * 1e-2 for s in shapes]
+
+
+def build(provider, init, copies):
+    """`copies` optimizers over copies of the same params and grads, warmed up; also returns
+    the seconds of one warm-up step."""
+    opts = []
+    for _ in range(copies):
+        params = [p.to(provider.dtype, copy=True).requires_grad_() for p in init[0]]
+        for p, g in zip(params, init[1]):
+            p.grad = g.to(provider.dtype, copy=True)
+        opts.append(provider.make(params))
+    t0 = time.perf_counter()
+    for _ in range(WARMUP):  # state allocation, kernel compilation, first grad copy-in
+        for opt in opts:
             opt.step()
-        runs[pname] = (opt, nbytes, [])
-    for _ in range(reps):
-        for opt, _, times in runs.values():
-            times.append(timer(opt.step))
-    n = sum(t.numel() for t in init)
-    return [dict(shape=name, provider=p, tensors=len(shapes), params=n, bytes_per_param=nbytes,
-                 median_ms=statistics.median(t) * 1e3, min_ms=min(t) * 1e3, reps=len(t))
-            for p, (_, nbytes, t) in runs.items()]
+    if init[0][0].is_cuda:
+        torch.cuda.synchronize()
+    return opts, (time.perf_counter() - t0) / (WARMUP * copies)
 
 
-def copy_gbps(device, reps):
-    src = torch.randn(1 << 24, device=device)
-    dst = torch.empty_like(src)
-    timer = Timer(device)
-    for _ in range(3):
-        dst.copy_(src)
-    t = statistics.median(timer(lambda: dst.copy_(src)) for _ in range(reps))
-    return 8 * src.numel() / t / 1e9
+def measure(section, case, shapes, device, table, budget, host=False):
+    """Rows for one case: each provider's median step time, interleaved round by round. Where
+    every provider at once would not fit in memory (a 1B model on one GPU), they run in turn."""
+    n = sum(math.prod(s) for s in shapes)
+    work = max(p.bytes_per_param for p in table.values()) * n
+    copies = 1 if host else max(1, min(MAX_COPIES, math.ceil(4 * last_level_cache(device) / work)))
+    # p, g, m, v (fp32: 16 B/param) and the for-loop's temporaries, with room to spare
+    together = 3 * len(table) * copies * 16 * n < free_memory(device)
+    groups = [table] if together else [{k: v} for k, v in table.items()]
+    clock, times, init = Clock(device, host), {}, make_init(shapes, device)
+    for group in groups:
+        built = {label: build(p, init, copies) for label, p in group.items()}
+        reps = reps_for(sum(t for _, t in built.values()), device, budget)
+        cycles = {label: itertools.cycle(opts) for label, (opts, _) in built.items()}
+        group_times = {label: [] for label in group}
+        order = random.Random(0)
+        for _ in range(reps):
+            # A new order each round: on the 2-core VM a step's time depends on what ran just
+            # before it (bench/NOTES.md 10), which a fixed order would charge to one provider.
+            for label in order.sample(list(cycles), len(cycles)):
+                group_times[label].append(clock(next(cycles[label]).step))
+        times |= group_times
+        del built, cycles
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    rows = [dict(section=section, case=case, provider=label, tensors=len(shapes), params=n,
+                 dtype=str(table[label].dtype).removeprefix("torch."),
+                 bytes_per_param=table[label].bytes_per_param,
+                 median_ms=statistics.median(t) * 1e3, min_ms=min(t) * 1e3, reps=len(t),
+                 copies=copies, interleaved=together, host_time=host)
+            for label, t in times.items()]
+    for r in rows:
+        r["gbps"] = r["bytes_per_param"] * n / (r["median_ms"] / 1e3) / 1e9
+    by = {r["provider"]: r for r in rows}
+    for r in rows:
+        r["pct_copy"] = 100 * r["gbps"] / by[COPY]["gbps"] if COPY in by else None
+        for ref in ("fused", "foreach"):
+            other = by.get(f"torch {ref}")
+            r[f"vs_{ref}"] = other["median_ms"] / r["median_ms"] if other else None
+    return rows
 
+
+# ---- report ----------------------------------------------------------------------------------
 
 def _cpu_model() -> str:
     try:
@@ -139,7 +292,7 @@ def _cpu_model() -> str:
 def environment(device):
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip()
+                                text=True, cwd=ROOT).stdout.strip()
     except OSError:
         commit = ""
     try:
@@ -154,53 +307,102 @@ def environment(device):
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
 
-def table(rows, copy):
-    fused = {r["shape"]: r["median_ms"] for r in rows if r["provider"] == "torch fused"}
-    foreach = {r["shape"]: r["median_ms"] for r in rows if r["provider"] == "torch foreach"}
-    lines = ["| shape | provider | B/param | median ms | GB/s | % copy | vs fused | vs foreach |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        gbps = r["bytes_per_param"] * r["params"] / (r["median_ms"] / 1e3) / 1e9
-        r["gbps"], r["pct_copy"] = gbps, 100 * gbps / copy
-        r["speedup_vs_fused"] = fused[r["shape"]] / r["median_ms"]
-        r["speedup_vs_foreach"] = foreach[r["shape"]] / r["median_ms"]
-        lines.append(f"| {r['shape']} ({r['tensors']} tensors, {r['params'] / 1e6:.1f}M) | "
-                     f"{r['provider']} | {r['bytes_per_param']} | {r['median_ms']:.2f} | {gbps:.1f} | "
-                     f"{r['pct_copy']:.0f}% | "
-                     f"{r['speedup_vs_fused']:.2f}x | {r['speedup_vs_foreach']:.2f}x |")
-    return "\n".join(lines)
+def _fmt(value, spec, suffix=""):
+    return "" if value is None else f"{value:{spec}}{suffix}"
+
+
+def markdown(rows):
+    """One table per section, in the order run."""
+    out = []
+    for section in dict.fromkeys(r["section"] for r in rows):
+        out += [f"### {section}", "",
+                "| case | provider | B/param | median ms | GB/s | % copy | vs fused | vs foreach |",
+                "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in (r for r in rows if r["section"] == section):
+            case = f"{r['case']} ({r['tensors']} x, {r['params'] / 1e6:.3g}M {r['dtype']})"
+            ms = f"{r['median_ms']:.3f}" + (" host" if r["host_time"] else "")
+            out.append(f"| {case} | {r['provider']} | {r['bytes_per_param']} | {ms} | "
+                       f"{r['gbps']:.1f} | {_fmt(r['pct_copy'], '.0f', '%')} | "
+                       f"{_fmt(r['vs_fused'], '.2f', 'x')} | {_fmt(r['vs_foreach'], '.2f', 'x')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write(results, out: Path):
+    """bench-{device}.json (environment + rows), .csv (one line per row, environment columns
+    repeated), .md (header + tables) and the plots; returns the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"bench-{results['device_type']}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    env = {k: v for k, v in results.items() if k != "rows"}
+    with stem.with_suffix(".csv").open("w", newline="") as f:
+        fields = [*env, *results["rows"][0]]
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in results["rows"]:
+            writer.writerow(env | r)
+    stem.with_suffix(".md").write_text(header(results) + "\n\n" + markdown(results["rows"]))
+    paths = [stem.with_suffix(s) for s in (".json", ".csv", ".md")]
+    try:
+        from bench import plots
+    except ImportError as exc:  # a GPU box without matplotlib still gets the tables
+        print(f"plots skipped: {exc}")
+        return paths
+    return paths + plots.plot(results, out)
+
+
+def header(results):
+    return (f"{results['device']}, torch {results['torch']}, triton {results['triton']}, "
+            f"{results['date']}, commit {results['commit']}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--reps", type=int, default=None, help="timed steps per provider")
-    parser.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    parser.add_argument("--sizes", nargs=2, type=int, metavar=("LO", "HI"),
+                        help="sweep 2**LO .. 2**HI elements (CPU default 12 26, GPU 12 28)")
+    parser.add_argument("--providers", nargs="+", metavar="NAME",
+                        choices=[*fused_adam.backends.NAMES[1:], *TORCH_PROVIDERS],
+                        help="backends of ours and torch implementations to run (default all)")
+    parser.add_argument("--dtype", default="fp32", choices=DTYPES,
+                        help="param (and state) dtype of sweep, models, small")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds of timed rounds per case (CPU 1, GPU 0.5); min reps apply")
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    reps = args.reps or (100 if device.type == "cuda" else 11)
-    env = environment(device)
-    copy = copy_gbps(device, reps)
+    gpu = device.type == "cuda"
+    lo, hi = args.sizes or (12, 28 if gpu else 26)
+    budget = args.budget or (0.5 if gpu else 1.0)
+    dtype = DTYPES[args.dtype]
+    table = providers(device, dtype, args.providers)
     rows = []
-    for name in args.shapes:
-        table_ = providers(device)
-        if name == "one_16m":
-            table_ |= precision_providers(device)
-        rows += bench_shapes(name, SHAPES[name], device, reps, warmup=3, provider_table=table_)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    md = table(rows, copy)
-    header = (f"{env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}, "
-              f"commit {env['commit']}; device copy {copy:.1f} GB/s; median of {reps} steps")
-    print(header)
-    print(md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"bench-{device.type}.json").write_text(
-        json.dumps(dict(env, copy_gbps=copy, rows=rows), indent=1))
-    (out / f"bench-{device.type}.md").write_text(header + "\n\n" + md + "\n")
-    return rows
+
+    def run(section, case, shapes, table_, host=False):
+        t0 = time.perf_counter()
+        new = measure(section, case, shapes, device, table_, budget, host)
+        print(f"{section:9} {case:14} {time.perf_counter() - t0:6.1f} s  " + "  ".join(
+            f"{r['provider']} {r['median_ms']:.3f}" for r in new), flush=True)
+        rows.extend(new)
+
+    if "sweep" in args.sections:
+        for k in range(lo, hi + 1):
+            run("sweep", f"2^{k}", [(1 << k,)], table)
+    if "models" in args.sections:
+        for name, shapes in models(device).items():
+            run("models", name, shapes, table)
+    if "small" in args.sections:
+        run("small", "1000 x 1-4K", small_1000(), {k: v for k, v in table.items() if k != COPY},
+            host=True)
+    if "precision" in args.sections:
+        run("precision", "2^24", [(1 << 24,)], precision_providers())
+    results = dict(environment(device), rows=rows)
+    print(header(results))
+    print(markdown(rows))
+    for path in write(results, Path(args.out)):
+        print("wrote", path)
+    return results
 
 
 if __name__ == "__main__":
