@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: CI and GPU boxes have no display
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 
 def _title(results, what):
@@ -47,6 +48,10 @@ def bars(results, path: Path):
         ax.bar(xs, [by_case.get(c, 0) for c in cases], width, label=provider)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
+    ratio = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x")
+    ax.yaxis.set_major_formatter(ratio)
+    ax.yaxis.set_minor_formatter(ratio)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_xticks(range(len(cases)),
                   [c + (" (host)" if any(r["host_time"] for r in rows if r["case"] == c) else "")
                    for c in cases], fontsize=8)
