@@ -10,10 +10,15 @@ and `p.grad` re-pointed to its view. `optimizer.state[p]` holds views too, in to
 States may have their own dtypes (`state_dtype`), and with `master_weights` a bf16/fp16 buffer
 keeps an fp32 master copy (`state[p]["master_param"]`) that the step updates.
 Complex params live in a real buffer as (re, im) pairs, which is what torch's Adam computes on.
+Params that cannot be re-pointed, DTensor shards (FSDP2, whose all-gather reads the shard's own
+storage), take the copy-in/copy-out path: each step copies the local shard and its grad into the
+buffer before the update and the shard back after it; their states are DTensors with the param's
+mesh and placements over views of the buffer, as torch.optim's would be.
 """
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +31,16 @@ STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 MASTER_KEY = "master_param"  # the fp32 master copy of a bf16/fp16 param, in optimizer.state[p]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 SPARSE_ERROR = "Adam does not support sparse gradients, please consider SparseAdam instead"
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (the tensor itself otherwise): what the kernels step."""
+    return t._local_tensor if _is_dtensor(t) else t
+
+
+def _is_dtensor(t) -> bool:
+    module = sys.modules.get("torch.distributed.tensor")  # no DTensor exists before its import
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def buffer_key(p: torch.Tensor) -> tuple[torch.device, torch.dtype, torch.dtype]:
@@ -85,7 +100,7 @@ class FlatBuffer:
         self.device, self.dtype, grad_dtype = buffer_key(params[0])
         bounds = [0]
         for p in params:
-            size = p.numel() * (2 if p.is_complex() else 1)
+            size = _local(p).numel() * (2 if p.is_complex() else 1)
             bounds.append(bounds[-1] + -(-size // ALIGN) * ALIGN)
         self.bounds = bounds  # segment i is [bounds[i], bounds[i + 1]), padding included
         self.total = bounds[-1]
@@ -107,12 +122,15 @@ class FlatBuffer:
         self.steps = torch.zeros(len(params), dtype=torch.float32,
                                  device=self.device if self.device_steps else "cpu")
         self.history, self.calls = [0] * len(params), 0
-        self.views = {name: [_view(flat, off, p) for off, p in zip(bounds, params)]
+        self.views = {name: [_view(flat, off, _local(p)) for off, p in zip(bounds, params)]
                       for name, flat in (("param", self.param), ("grad", self.grad), *self.state.items())}
+        # Indices of DTensor params: copied in and out around each update, never re-pointed.
+        self.external = [i for i, p in enumerate(params) if _is_dtensor(p)]
         with torch.no_grad():
             for p, view in zip(params, self.views["param"]):
-                view.copy_(p)
-                p.data = view
+                view.copy_(_local(p))
+                if not _is_dtensor(p):
+                    p.data = view
         self.grad_ptrs = [g.data_ptr() for g in self.views["grad"]]
         self.initialized = [False] * len(params)
         self.all_initialized = not params
@@ -130,14 +148,14 @@ class FlatBuffer:
                     if key == "param" or key == "grad":
                         continue
                     if s and key in s:
-                        if s[key] is not views[i]:
-                            views[i].copy_(s[key])
+                        if _local(s[key]).data_ptr() != views[i].data_ptr():
+                            views[i].copy_(_local(s[key]))
                     elif key == MASTER_KEY:
                         views[i].copy_(self.views["param"][i])
                     else:
                         views[i].zero_()
                     if s:
-                        s[key] = views[i]
+                        s[key] = self._state_view(key, i)
                 if s:
                     s["step"] = self.steps[i]
         self.all_initialized = all(self.initialized)
@@ -148,13 +166,23 @@ class FlatBuffer:
         s = state[self.params[i]]
         s["step"] = self.steps[i]
         for key in self.state:
-            s[key] = self.views[key][i]
+            s[key] = self._state_view(key, i)
         self.initialized[i] = True
+
+    def _state_view(self, key: str, i: int) -> torch.Tensor:
+        """state[p][key]: the buffer's view, as a DTensor laid out like p when p is one."""
+        view, p = self.views[key][i], self.params[i]
+        if not _is_dtensor(p):
+            return view
+        return type(p).from_local(view, p.device_mesh, p.placements, run_check=False,
+                                  shape=p.shape, stride=p.stride())
 
     def _classify_grads(self):
         """(active indices or None for all, grads to copy in as (index, grad)); raises on a sparse
         grad before anything is modified."""
         grads = [p.grad for p in self.params]
+        if self.external:
+            grads = [None if g is None else _local(g) for g in grads]
         try:
             if [g.data_ptr() for g in grads] == self.grad_ptrs:
                 return None, []  # every grad is our view: the fast path
@@ -186,7 +214,11 @@ class FlatBuffer:
             views = [self.views["grad"][i] for i, _ in foreign]
             torch._foreach_copy_(views, [g for _, g in foreign])
             for (i, _), view in zip(foreign, views):
-                self.params[i].grad = view
+                if i not in self.external:
+                    self.params[i].grad = view
+        if self.external:  # the shard may have been written since (a checkpoint load)
+            torch._foreach_copy_([self.views["param"][i] for i in self.external],
+                                 [_local(self.params[i]) for i in self.external])
         if not self.all_initialized:
             for i in range(len(self.params)) if active is None else active:
                 if not self.initialized[i]:
@@ -208,6 +240,9 @@ class FlatBuffer:
                     None if vmax is None else vmax[start:end],
                     None if master is None else master[start:end], step=steps[first],
                     index_base=start, clip_coef=clip_coef, **rounding, **skip)
+        if self.external:
+            torch._foreach_copy_([_local(self.params[i]) for i in self.external],
+                                 [self.views["param"][i] for i in self.external])
 
     def _count_step(self, active, found_inf) -> None:
         index = slice(None) if active is None else active
@@ -254,7 +289,7 @@ class FlatBuffer:
         """`zero_grad(set_to_none=False)`: one fill for every grad that is our view; others as
         torch does them."""
         for p, ptr in zip(self.params, self.grad_ptrs):
-            g = p.grad
+            g = None if p.grad is None else _local(p.grad)
             if g is not None and (g.layout != torch.strided or g.data_ptr() != ptr):
                 if g.grad_fn is not None:
                     g.detach_()
@@ -276,14 +311,15 @@ class GroupBuffers:
             buf.adopt_state(state)
         self.layout = layout
         self.ids = [id(p) for p in params]
-        self.ptrs = [p.data_ptr() for p in params]
+        self.local = functools.partial(map, _local) if any(b.external for b in self.buffers) else iter
+        self.ptrs = [p.data_ptr() for p in self.local(params)]
 
     def is_current(self, params: list[torch.Tensor], layout: Layout) -> bool:
         """False when the group's params or options changed or a param's storage was replaced
         (`model.half()`, `model.to(...)`, `p.data = ...`): the buffers would then update a stale
         copy."""
         return (layout == self.layout and list(map(id, params)) == self.ids
-                and [p.data_ptr() for p in params] == self.ptrs)
+                and [p.data_ptr() for p in self.local(params)] == self.ptrs)
 
 
 def clip_coefficient(prepared, max_norm: float, grad_scale=None) -> torch.Tensor | None:
