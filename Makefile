@@ -24,6 +24,9 @@ $(VENV)/.ready: Makefile
 	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON)"
 	@$(PY) -c "import pytest, numpy, ninja, matplotlib" 2>/dev/null || \
 		$(PY) -m pip install -q pytest numpy ninja matplotlib
+	@# For the Hugging Face Trainer test only (optional for users; its test skips without them).
+	@$(PY) -c "import transformers, accelerate" 2>/dev/null || \
+		$(PY) -m pip install -q transformers accelerate || echo "transformers not installed: its test skips"
 	@touch $@
 
 # The extension is optional: a failed build leaves the package working (see `pip install -v .`).

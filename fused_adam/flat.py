@@ -131,7 +131,6 @@ class FlatBuffer:
                 view.copy_(_local(p))
                 if not _is_dtensor(p):
                     p.data = view
-        self.grad_ptrs = [g.data_ptr() for g in self.views["grad"]]
         self.initialized = [False] * len(params)
         self.all_initialized = not params
 
@@ -183,11 +182,11 @@ class FlatBuffer:
         grads = [p.grad for p in self.params]
         if self.external:
             grads = [None if g is None else _local(g) for g in grads]
-        try:
-            if [g.data_ptr() for g in grads] == self.grad_ptrs:
-                return None, []  # every grad is our view: the fast path
-        except (AttributeError, RuntimeError):
-            pass  # a None or a sparse grad
+        # By identity, not data_ptr: p.grad keeps the object we assigned (autograd accumulates
+        # into it), and torch.compile can trace `is` but not a data_ptr comparison.
+        views = self.views["grad"]
+        if all(g is v for g, v in zip(grads, views)):
+            return None, []  # every grad is our view: the fast path
         active, foreign = [], []
         for i, g in enumerate(grads):
             if g is None:
@@ -195,7 +194,7 @@ class FlatBuffer:
             if g.layout != torch.strided:
                 raise RuntimeError(SPARSE_ERROR)
             active.append(i)
-            if g.data_ptr() != self.grad_ptrs[i]:
+            if g is not views[i]:
                 foreign.append((i, g))
         return (None if len(active) == len(grads) else active), foreign
 
@@ -251,10 +250,12 @@ class FlatBuffer:
         else:  # on the device: no host sync
             self.steps[index] += 1 - found_inf.to(self.steps.device)
         # Params with grads in the same step() calls have equal step counts whatever was
-        # skipped: the key device-step runs are grouped by (their values are not read).
-        if self.device_steps:
+        # skipped: the key device-step runs are grouped by (their values are not read). A step
+        # of every param keeps that partition, so it changes nothing here, which also keeps a
+        # torch.compile'd step free of guards on these counters (no recompile per step).
+        if self.device_steps and active is not None:
             self.calls += 1
-            for i in range(len(self.params)) if active is None else active:
+            for i in active:
                 self.history[i] = hash((self.history[i], self.calls))
 
     def spans(self, active) -> list[tuple[int, int]]:
@@ -288,9 +289,9 @@ class FlatBuffer:
     def zero_grad(self) -> None:
         """`zero_grad(set_to_none=False)`: one fill for every grad that is our view; others as
         torch does them."""
-        for p, ptr in zip(self.params, self.grad_ptrs):
+        for p, view in zip(self.params, self.views["grad"]):
             g = None if p.grad is None else _local(p.grad)
-            if g is not None and (g.layout != torch.strided or g.data_ptr() != ptr):
+            if g is not None and g is not view:
                 if g.grad_fn is not None:
                     g.detach_()
                 else:
@@ -318,8 +319,11 @@ class GroupBuffers:
         """False when the group's params or options changed or a param's storage was replaced
         (`model.half()`, `model.to(...)`, `p.data = ...`): the buffers would then update a stale
         copy."""
+        # torch.compile cannot trace data_ptr comparisons: a compiled step trusts the storage
+        # (replacing it under a compiled step is not supported; the eager step re-packs).
         return (layout == self.layout and list(map(id, params)) == self.ids
-                and [p.data_ptr() for p in self.local(params)] == self.ptrs)
+                and (torch.compiler.is_compiling()
+                     or [p.data_ptr() for p in self.local(params)] == self.ptrs))
 
 
 def clip_coefficient(prepared, max_norm: float, grad_scale=None) -> torch.Tensor | None:

@@ -107,9 +107,15 @@ class FusedAdam(Optimizer):
         """torch's load, but state tensors keep the precision they were saved with: torch casts
         every floating state to the param's dtype, which would round an fp32 master copy or fp32
         states of a bf16 param to bf16. The flat buffers cast to their own dtypes instead."""
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        saved = state_dict["state"]
-        super().load_state_dict(state_dict)
+        seen = {}
+        # Appended last, this pre-hook sees the dict as the user's pre-hooks left it.
+        handle = self.register_load_state_dict_pre_hook(lambda _, d: seen.setdefault("dict", d))
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+        saved_ids = [i for g in seen["dict"]["param_groups"] for i in g["params"]]
+        saved = seen["dict"]["state"]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             for key, value in saved.get(saved_id, {}).items():
