@@ -2,7 +2,9 @@
 CUDA cases included, then the benchmark on the GPU, and write one short report.
 
 Output goes to $OUT when set, else bench/results/: gpu-check.md (the report), pytest.log and the
-benchmark's bench-cuda.json / .md. Budget: under 6 minutes.
+benchmark's bench-cuda.json / .csv / .md with its plots (the full sweep to 2^28, a 1B Llama,
+GPT-2, ViT-B/16, 1000 small tensors, mixed precision; when matplotlib is there). Copy them into
+bench/results/ and run bench/report.py: the README then shows them. Budget: under 6 minutes.
 """
 from __future__ import annotations
 
