@@ -1,6 +1,7 @@
 """DDP, FSDP2 and distributed checkpoints on CPU: two gloo processes per scenario, each training
 the same model with torch.optim.AdamW and with ours; the parent compares what they saved."""
 import os
+import time
 
 import pytest
 import torch
@@ -121,6 +122,7 @@ def _worker(rank, scenario, out):
                             world_size=WORLD)
     try:
         globals()[scenario](rank, out)
+        time.sleep(0.1)  # let gloo's threads free their last work before exit (README, DDP section)
     finally:
         dist.destroy_process_group()
 
