@@ -244,11 +244,12 @@ class FlatBuffer:
                                  [self.views["param"][i] for i in self.external])
 
     def _count_step(self, active, found_inf) -> None:
-        index = slice(None) if active is None else active
-        if found_inf is None:
-            self.steps[index] += 1
-        else:  # on the device: no host sync
-            self.steps[index] += 1 - found_inf.to(self.steps.device)
+        # In place on the whole tensor when every param steps: `steps[:] += 1` (slice, add, copy
+        # back) costs ~15 us of host time a step, the add alone ~3 us.
+        counts = self.steps if active is None else self.steps[active]
+        counts += 1 if found_inf is None else 1 - found_inf.to(self.steps.device)  # no host sync
+        if active is not None:
+            self.steps[active] = counts
         # Params with grads in the same step() calls have equal step counts whatever was
         # skipped: the key device-step runs are grouped by (their values are not read). A step
         # of every param keeps that partition, so it changes nothing here, which also keeps a
