@@ -10,15 +10,21 @@ and `p.grad` re-pointed to its view. `optimizer.state[p]` holds views too, in to
 States may have their own dtypes (`state_dtype`), and with `master_weights` a bf16/fp16 buffer
 keeps an fp32 master copy (`state[p]["master_param"]`) that the step updates.
 Complex params live in a real buffer as (re, im) pairs, which is what torch's Adam computes on.
-Params that cannot be re-pointed, DTensor shards (FSDP2, whose all-gather reads the shard's own
-storage), take the copy-in/copy-out path: each step copies the local shard and its grad into the
-buffer before the update and the shard back after it; their states are DTensors with the param's
-mesh and placements over views of the buffer, as torch.optim's would be.
+Params whose storage another engine owns are not re-pointed but copied in and out: each step
+copies the param (its local shard) and its grad into the buffer before the update and back after
+it. Those are DTensor shards (FSDP2, whose all-gather reads the shard's own storage; their states
+are DTensors with the param's mesh and placements over views of the buffer, as torch.optim's would
+be), FSDP1's params (marked `_fsdp_flattened`: FSDP1 resets `flat_param.data` to the local shard
+it owns after every forward and backward, which would undo a re-pointing and drop the update),
+params that view a larger storage not ours, and params we re-pointed whose storage was replaced
+since (ZeroRedundancyOptimizer's `parameters_as_bucket_view` re-points params into its buckets
+after building its optimizer, then broadcasts the buckets, not the params).
 """
 from __future__ import annotations
 
 import functools
 import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +47,23 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def _is_dtensor(t) -> bool:
     module = sys.modules.get("torch.distributed.tensor")  # no DTensor exists before its import
     return module is not None and isinstance(t, module.DTensor)
+
+
+# The storages of our param buffers, and the params we re-pointed into one (by id: a tensor's
+# `==` is elementwise, so tensors cannot be WeakSet members).
+_OWN_STORAGES: weakref.WeakSet = weakref.WeakSet()
+_REPOINTED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _is_external(p: torch.Tensor) -> bool:
+    """Whether another engine owns `p`'s storage (see the module docstring): copied in and out."""
+    if _is_dtensor(p) or getattr(p, "_fsdp_flattened", False):
+        return True
+    storage = p.untyped_storage()
+    if storage in _OWN_STORAGES:
+        return False
+    return (_REPOINTED.get(id(p)) is p
+            or storage.nbytes() != p.numel() * p.element_size())
 
 
 def buffer_key(p: torch.Tensor) -> tuple[torch.device, torch.dtype, torch.dtype]:
@@ -106,6 +129,7 @@ class FlatBuffer:
         self.total = bounds[-1]
         make = lambda dtype: torch.zeros(self.total, dtype=dtype, device=self.device)  # noqa: E731
         self.param, self.grad = make(self.dtype), make(grad_dtype)
+        _OWN_STORAGES.add(self.param.untyped_storage())
         self.state = {k: make(layout.state_dtype(k, self.dtype))
                       for k in STATE_KEYS[: 3 if layout.amsgrad else 2]}
         if any(p.is_complex() for p in params) and any(
@@ -124,13 +148,14 @@ class FlatBuffer:
         self.history, self.calls = [0] * len(params), 0
         self.views = {name: [_view(flat, off, _local(p)) for off, p in zip(bounds, params)]
                       for name, flat in (("param", self.param), ("grad", self.grad), *self.state.items())}
-        # Indices of DTensor params: copied in and out around each update, never re-pointed.
-        self.external = [i for i, p in enumerate(params) if _is_dtensor(p)]
+        # Indices of params copied in and out around each update, never re-pointed.
+        self.external = [i for i, p in enumerate(params) if _is_external(p)]
         with torch.no_grad():
-            for p, view in zip(params, self.views["param"]):
+            for i, (p, view) in enumerate(zip(params, self.views["param"])):
                 view.copy_(_local(p))
-                if not _is_dtensor(p):
+                if i not in self.external:
                     p.data = view
+                    _REPOINTED[id(p)] = p
         self.initialized = [False] * len(params)
         self.all_initialized = not params
 

@@ -67,6 +67,27 @@ def _ddp(rank, out):
     torch.save(results, os.path.join(out, f"{rank}.pt"))
 
 
+def _zero(rank, out):
+    """ZeroRedundancyOptimizer building our optimizer over its shard of the params; with
+    parameters_as_bucket_view it re-points the params into its buckets afterwards and
+    broadcasts the buckets."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    results = {}
+    for backend in ("reference", *BACKENDS):
+        for as_bucket_view in (False, True):
+            model = _model()
+            wrapped = DDP(model)
+            kw = {} if backend == "reference" else {"backend": backend}
+            opt = ZeroRedundancyOptimizer(
+                wrapped.parameters(), lr=LR, parameters_as_bucket_view=as_bucket_view,
+                optimizer_class=torch.optim.AdamW if backend == "reference" else fused_adam.FusedAdamW,
+                **kw)
+            _train(wrapped, opt, _batches(rank))
+            results[(backend, as_bucket_view)] = _full(model)
+    torch.save(results, os.path.join(out, f"{rank}.pt"))
+
+
 def _fsdp(rank, out):
     from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
                                                          set_optimizer_state_dict)
@@ -147,6 +168,16 @@ def test_ddp_matches_torch_adamw_on_every_rank(tmp_path):
         for (backend, _, _), params in results.items():
             _close(params, ref, backend)
     for key in ranks[0]:  # DDP keeps the replicas identical
+        for a, b in zip(ranks[0][key], ranks[1][key]):
+            assert torch.equal(a, b)
+
+
+def test_zero_redundancy_optimizer_of_ours_matches_torch_adamw(tmp_path):
+    ranks = _run("_zero", tmp_path)
+    for results in ranks:
+        for (backend, as_bucket_view), params in results.items():
+            _close(params, results[("reference", as_bucket_view)], backend)
+    for key in ranks[0]:  # every rank broadcasts its shard: the replicas are identical
         for a, b in zip(ranks[0][key], ranks[1][key]):
             assert torch.equal(a, b)
 

@@ -116,6 +116,59 @@ def test_zero_grad_and_add_param_group_as_in_torch(device, backend):
     _assert_close(ours_extra, ref_extra, backend)
 
 
+def _fsdp1_like_training(make_optimizer):
+    """One rank of FSDP1 (torch/distributed/fsdp/_flat_param.py), as it treats a FlatParameter
+    every iteration: marked `_fsdp_flattened`; before forward `flat.data` becomes the all-gather
+    of the current `flat.data`, after backward it is reset to the local shard FSDP1 allocated
+    (`flat.data = flat._local_shard`). An optimizer that re-points `flat.data` is undone there."""
+    torch.manual_seed(0)
+    flat = nn.Parameter(torch.randn(6 * 3 + 3))
+    flat._fsdp_flattened, local_shard = True, flat.data
+    opt = make_optimizer([flat])
+    for x in _data():
+        opt.zero_grad()
+        flat.data = flat.data.clone()  # unshard: the all-gather output
+        torch.tanh(x @ flat[:18].view(3, 6).T + flat[18:]).sum().backward()
+        flat.data = local_shard  # reshard
+        opt.step()
+    return flat.detach()
+
+
+@pytest.mark.parametrize("device,backend", [c for c in CASES if c.values[0] == "cpu"])
+def test_fsdp1_style_flat_param_is_stepped_in_its_own_storage(device, backend):
+    ref = _fsdp1_like_training(lambda ps: torch.optim.AdamW(ps, lr=0.01))
+    ours = _fsdp1_like_training(lambda ps: fused_adam.FusedAdamW(ps, lr=0.01, backend=backend))
+    if backend == "torch":
+        assert torch.equal(ours, ref)
+    else:
+        torch.testing.assert_close(ours, ref, **TOLERANCE[(backend, "training loop")])
+
+
+@pytest.mark.parametrize("device,backend", [c for c in CASES if c.values[0] == "cpu"])
+def test_params_that_view_a_foreign_buffer_are_updated_in_it(device, backend):
+    """A contiguous-parameter engine (Megatron-style, or ZeroRedundancyOptimizer's buckets) owns
+    one buffer and reads or communicates it, not the params: the update must land there."""
+    runs = []
+    for make in (lambda ps: torch.optim.AdamW(ps, lr=0.01),
+                 lambda ps: fused_adam.FusedAdamW(ps, lr=0.01, backend=backend)):
+        torch.manual_seed(0)
+        engine_buffer = torch.randn(6 * 3 + 3)
+        weight = nn.Parameter(engine_buffer[:18].view(3, 6))
+        bias = nn.Parameter(engine_buffer[18:])
+        opt = make([weight, bias])
+        for x in _data():
+            opt.zero_grad()
+            torch.tanh(x @ weight.T + bias).sum().backward()
+            opt.step()
+        assert weight.data_ptr() == engine_buffer.data_ptr()
+        runs.append(engine_buffer)
+    ref, ours = runs
+    if backend == "torch":
+        assert torch.equal(ours, ref)
+    else:
+        torch.testing.assert_close(ours, ref, **TOLERANCE[(backend, "training loop")])
+
+
 def test_compiled_model_trains_with_our_optimizer():
     runs = []
     for make in (torch.optim.AdamW, fused_adam.FusedAdamW):
