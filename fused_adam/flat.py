@@ -63,7 +63,7 @@ def _is_external(p: torch.Tensor) -> bool:
     if storage in _OWN_STORAGES:
         return False
     return (_REPOINTED.get(id(p)) is p
-            or storage.nbytes() != p.numel() * p.element_size())
+            or storage.nbytes() > p.numel() * p.element_size())
 
 
 def buffer_key(p: torch.Tensor) -> tuple[torch.device, torch.dtype, torch.dtype]:
