@@ -14,11 +14,11 @@ Params whose storage another engine owns are not re-pointed but copied in and ou
 copies the param (its local shard) and its grad into the buffer before the update and back after
 it. Those are DTensor shards (FSDP2, whose all-gather reads the shard's own storage; their states
 are DTensors with the param's mesh and placements over views of the buffer, as torch.optim's would
-be), FSDP1's params (marked `_fsdp_flattened`: FSDP1 resets `flat_param.data` to the local shard
-it owns after every forward and backward, which would undo a re-pointing and drop the update),
-params that view a larger storage not ours, and params we re-pointed whose storage was replaced
-since (ZeroRedundancyOptimizer's `parameters_as_bucket_view` re-points params into its buckets
-after building its optimizer, then broadcasts the buckets, not the params).
+be), params that view a larger storage not ours, and params we re-pointed whose storage was
+replaced since: the one who replaced it may read it. ZeroRedundancyOptimizer's
+`parameters_as_bucket_view` re-points params into its buckets after building its optimizer, then
+broadcasts the buckets; FSDP1 resets `flat_param.data` to the local shard it owns after every
+forward and backward. Either would otherwise undo our re-pointing and drop the update.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ _REPOINTED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 def _is_external(p: torch.Tensor) -> bool:
     """Whether another engine owns `p`'s storage (see the module docstring): copied in and out."""
-    if _is_dtensor(p) or getattr(p, "_fsdp_flattened", False):
+    if _is_dtensor(p):
         return True
     storage = p.untyped_storage()
     if storage in _OWN_STORAGES:

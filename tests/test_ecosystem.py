@@ -21,7 +21,9 @@ def _data():
 
 
 def _assert_close(model, ref, backend):
-    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+    """Params of `model` against `ref`'s (modules, or tensors as they are)."""
+    params = lambda m: m.parameters() if isinstance(m, nn.Module) else [m]  # noqa: E731
+    for a, b in zip(params(model), params(ref), strict=True):
         if backend == "torch":
             assert torch.equal(a, b)
         else:
@@ -118,12 +120,12 @@ def test_zero_grad_and_add_param_group_as_in_torch(device, backend):
 
 def _fsdp1_like_training(make_optimizer):
     """One rank of FSDP1 (torch/distributed/fsdp/_flat_param.py), as it treats a FlatParameter
-    every iteration: marked `_fsdp_flattened`; before forward `flat.data` becomes the all-gather
-    of the current `flat.data`, after backward it is reset to the local shard FSDP1 allocated
+    every iteration: before forward `flat.data` becomes the all-gather of the current
+    `flat.data`, after backward it is reset to the local shard FSDP1 allocated
     (`flat.data = flat._local_shard`). An optimizer that re-points `flat.data` is undone there."""
     torch.manual_seed(0)
     flat = nn.Parameter(torch.randn(6 * 3 + 3))
-    flat._fsdp_flattened, local_shard = True, flat.data
+    local_shard = flat.data
     opt = make_optimizer([flat])
     for x in _data():
         opt.zero_grad()
@@ -138,10 +140,7 @@ def _fsdp1_like_training(make_optimizer):
 def test_fsdp1_style_flat_param_is_stepped_in_its_own_storage(device, backend):
     ref = _fsdp1_like_training(lambda ps: torch.optim.AdamW(ps, lr=0.01))
     ours = _fsdp1_like_training(lambda ps: fused_adam.FusedAdamW(ps, lr=0.01, backend=backend))
-    if backend == "torch":
-        assert torch.equal(ours, ref)
-    else:
-        torch.testing.assert_close(ours, ref, **TOLERANCE[(backend, "training loop")])
+    _assert_close(ours, ref, backend)
 
 
 @pytest.mark.parametrize("device,backend", [c for c in CASES if c.values[0] == "cpu"])
@@ -163,10 +162,7 @@ def test_params_that_view_a_foreign_buffer_are_updated_in_it(device, backend):
         assert weight.data_ptr() == engine_buffer.data_ptr()
         runs.append(engine_buffer)
     ref, ours = runs
-    if backend == "torch":
-        assert torch.equal(ours, ref)
-    else:
-        torch.testing.assert_close(ours, ref, **TOLERANCE[(backend, "training loop")])
+    _assert_close(ours, ref, backend)
 
 
 def test_compiled_model_trains_with_our_optimizer():
