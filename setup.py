@@ -34,7 +34,7 @@ def extension():
     spec = importlib.util.spec_from_file_location("_ext", ROOT / "fused_adam" / "_ext.py")
     ext = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ext)
-    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    with_cuda = torch.version.cuda is not None and ext.use_cuda_home(cpp_extension)
     sources = [f"csrc/{s}" for s in ext.CPU_SOURCES + (ext.CUDA_SOURCES if with_cuda else [])]
     kind = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     module = kind("fused_adam._C", sources,

@@ -328,7 +328,7 @@ def markdown(rows):
     return "\n".join(out)
 
 
-def write(results, out: Path):
+def write(results, out: Path, plots=True):
     """bench-{device}.json (environment + rows), .csv (one line per row, environment columns
     repeated), .md (header + tables) and the plots; returns the paths written."""
     out.mkdir(parents=True, exist_ok=True)
@@ -343,12 +343,14 @@ def write(results, out: Path):
             writer.writerow(env | r)
     stem.with_suffix(".md").write_text(header(results) + "\n\n" + markdown(results["rows"]))
     paths = [stem.with_suffix(s) for s in (".json", ".csv", ".md")]
+    if not plots:
+        return paths
     try:
-        from bench import plots
+        from bench import plots as plotting
     except ImportError as exc:  # a GPU box without matplotlib still gets the tables
         print(f"plots skipped: {exc}")
         return paths
-    return paths + plots.plot(results, out)
+    return paths + plotting.plot(results, out)
 
 
 def header(results):
@@ -377,7 +379,8 @@ def main(argv=None):
     budget = args.budget or (0.5 if gpu else 1.0)
     dtype = DTYPES[args.dtype]
     table = providers(device, dtype, args.providers)
-    rows = []
+    rows, out = [], Path(args.out)
+    results = dict(environment(device), rows=rows)
 
     def run(section, case, shapes, table_, host=False):
         t0 = time.perf_counter()
@@ -385,22 +388,23 @@ def main(argv=None):
         print(f"{section:9} {case:14} {time.perf_counter() - t0:6.1f} s  " + "  ".join(
             f"{r['provider']} {r['median_ms']:.3f}" for r in new), flush=True)
         rows.extend(new)
+        write(results, out, plots=False)  # as it goes: a run cut short keeps every finished case
 
-    if "sweep" in args.sections:
-        for k in range(lo, hi + 1):
-            run("sweep", f"2^{k}", [(1 << k,)], table)
-    if "models" in args.sections:
-        for name, shapes in models(device).items():
-            run("models", name, shapes, table)
-    if "small" in args.sections:
-        run("small", "1000 x 1-4K", small_1000(), {k: v for k, v in table.items() if k != COPY},
-            host=True)
-    if "precision" in args.sections:
-        run("precision", "2^24", [(1 << 24,)], precision_providers())
-    results = dict(environment(device), rows=rows)
+    for section in dict.fromkeys(args.sections):  # in the order asked: gpu-check puts value first
+        if section == "sweep":
+            for k in range(lo, hi + 1):
+                run("sweep", f"2^{k}", [(1 << k,)], table)
+        elif section == "models":
+            for name, shapes in models(device).items():
+                run("models", name, shapes, table)
+        elif section == "small":
+            run("small", "1000 x 1-4K", small_1000(),
+                {k: v for k, v in table.items() if k != COPY}, host=True)
+        else:
+            run("precision", "2^24", [(1 << 24,)], precision_providers())
     print(header(results))
     print(markdown(rows))
-    for path in write(results, Path(args.out)):
+    for path in write(results, out):
         print("wrote", path)
     return results
 

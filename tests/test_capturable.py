@@ -35,6 +35,7 @@ def test_no_host_sync(monkeypatch):
     opt.step()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
 def test_cuda_graph_capture_and_replay(backend):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from fused_adam import _ext
+
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 NVCC = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
                                 if os.environ.get("CUDA_HOME") else None)
@@ -53,9 +55,7 @@ def test_cuda_binding_compiles_against_torch_headers(tmp_path):
     c10/cuda/impl/cuda_cmake_macros.h; a one-line stand-in takes its place for this check."""
     import torch.utils.cpp_extension as ext
 
-    cuda_include = Path(NVCC).resolve().parent.parent / "include"
-    if not (cuda_include / "cuda_runtime.h").exists():
-        cuda_include = Path("/usr/local/cuda/include")
+    cuda_include = Path(_ext.cuda_home()) / "include"
     stub = tmp_path / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")

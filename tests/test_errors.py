@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fused_adam
-from fused_adam import FusedAdam, FusedAdamW
+from fused_adam import FusedAdam, FusedAdamW, backends
 
 P = [torch.nn.Parameter(torch.randn(3))]
 BAD = [
@@ -97,13 +97,19 @@ def test_available_backends_on_cpu():
     assert "torch" in fused_adam.available_backends("cpu")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_no_backend_claims_cuda_without_a_gpu():
+    assert fused_adam.available_backends("cuda") == []
+    assert backends.unavailable_reason("cuda", torch.device("cuda")) == "CUDA is not available"
+
+
 def test_import_without_triton():
     """A broken triton install leaves the torch backend working and says why triton is out."""
     code = ("import sys; sys.modules['triton'] = None\n"
             "import torch, fused_adam\n"
             "from fused_adam import backends\n"
             "assert 'triton' not in fused_adam.available_backends('cpu')\n"
-            "print(backends.unavailable_reason('triton', torch.device('cuda')))\n"
+            "print(backends.unavailable_reason('triton', torch.device('cpu')))\n"
             "p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)\n"
             "fused_adam.FusedAdam([p]).step()\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -65,6 +65,8 @@ def unavailable_reason(name: str, device: torch.device,
     """None when `name` can step `dtype` buffers on `device`, else why not."""
     if _DEVICE_TYPE.get(name, device.type) != device.type:
         return f"backend {name!r} steps {_DEVICE_TYPE[name]} tensors only"
+    if device.type == "cuda" and not torch.cuda.is_available():  # before a JIT build is tried
+        return "CUDA is not available"
     mod = _module(name)
     if isinstance(mod, Exception):
         return f"import failed: {type(mod).__name__}: {mod}"

@@ -2,9 +2,12 @@
 
 It is the oracle the kernels are tested against and the CPU fallback. On CPU each op below is
 a multi-threaded vectorized ATen kernel, so one call per flat buffer replaces torch's per-tensor
-loop. Temporaries live in workspaces kept per device: a fresh 64 MB tensor per step costs page
+loop. On CPU, temporaries live in a per-thread workspace: a fresh 64 MB tensor per step costs page
 faults on every call (glibc hands blocks over 32 MB back to the kernel), about 5 ms of a
-16M-element step on the 2-core CI machine.
+16M-element step on the 2-core CI machine. Other devices allocate them fresh: their caching
+allocators already reuse blocks, and a workspace there would hold the largest step's temporaries
+for the life of the process (~5 GB of GPU memory after a 1B-parameter step). Under torch.compile
+they are fresh too: the compiled graph plans its own buffers (and dynamo cannot trace the cache).
 
 When every tensor is fp32 (or every one float64) the ops run on them directly: bit-identical to
 torch.optim. Any other mix (bf16/fp16 params, grads or states, an fp32 master copy) runs the same
@@ -24,8 +27,12 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def _scratch(like: torch.Tensor, slot: int, dtype: torch.dtype) -> torch.Tensor:
-    key = (like.device, dtype, slot)
-    cache = _workspace.__dict__.setdefault("buffers", {})
+    if like.device.type != "cpu" or torch.compiler.is_compiling():
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
+    key = (dtype, slot)
+    cache = getattr(_workspace, "buffers", None)
+    if cache is None:
+        cache = _workspace.buffers = {}
     buf = cache.get(key)
     if buf is None or buf.numel() < like.numel():
         buf = cache[key] = torch.empty(like.numel(), dtype=dtype, device=like.device)

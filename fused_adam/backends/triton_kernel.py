@@ -11,6 +11,7 @@ math uses explicit tl.fma where torch has one: the same bits on a GPU and under 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -73,21 +74,12 @@ def _bf16_stochastic(p, key, index):
 
 
 @triton.jit
-def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, n_elements, decay, weight_decay,
-                 lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, sr_key,
-                 index_base, clip_ptr, scalars_ptr, found_ptr, MAXIMIZE: tl.constexpr,
-                 WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-                 MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, CLIP: tl.constexpr,
-                 DEVICE_SCALARS: tl.constexpr, SKIP: tl.constexpr, BLOCK: tl.constexpr):
-    # int64 offsets: flat buffers of large models pass 2**31 elements.
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    if SKIP:  # found_inf, decided on the device: every load and store masked off
-        n_elements = tl.where(tl.load(found_ptr) == 0, n_elements, 0)
-    mask = offs < n_elements
-    if DEVICE_SCALARS:  # computed on the device from the device step count
-        decay = tl.load(scalars_ptr)
-        neg_step_size = tl.load(scalars_ptr + 1)
-        bc2_sqrt = tl.load(scalars_ptr + 2)
+def _step_elements(offs, mask, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, decay, weight_decay,
+                   lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, sr_key,
+                   index_base, clip_ptr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                   DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
+                   STOCHASTIC: tl.constexpr, CLIP: tl.constexpr):
+    """Load, step and store the elements `offs` where `mask`."""
     # With a master copy (w, fp32) the math updates the master; the param is its rounded image.
     if MASTER:
         p = tl.load(w_ptr + offs, mask=mask)
@@ -117,11 +109,48 @@ def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, n_elements, decay,
         tl.store(vmax_ptr + offs, vmax.to(vmax_ptr.dtype.element_ty), mask=mask)
 
 
+# sr_key changes every step and index_base every segment: specialized (== 1, % 16) they would
+# compile new variants mid-run (sr_key == 1 even fails to compile: `'int' object has no attribute
+# 'to'`). n_elements is not specialized either: the kernel finds its aligned body itself.
+@triton.jit(do_not_specialize=["n_elements", "sr_key", "index_base"])
+def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, n_elements, decay, weight_decay,
+                 lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, sr_key,
+                 index_base, clip_ptr, scalars_ptr, found_ptr, MAXIMIZE: tl.constexpr,
+                 WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
+                 MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, CLIP: tl.constexpr,
+                 DEVICE_SCALARS: tl.constexpr, SKIP: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)  # int64 offsets: flat buffers pass 2**31 elements
+    if SKIP:  # found_inf, decided on the device: every load and store masked off
+        n_elements = tl.where(tl.load(found_ptr) == 0, n_elements, 0)
+    if DEVICE_SCALARS:  # computed on the device from the device step count
+        decay = tl.load(scalars_ptr)
+        neg_step_size = tl.load(scalars_ptr + 1)
+        bc2_sqrt = tl.load(scalars_ptr + 2)
+    # 128-bit accesses need a mask that is constant over runs of 16 elements: the body, n rounded
+    # down to a multiple of 16, has one; the ragged tail (< 16 elements, e.g. a functional call
+    # on a 4099-element tensor) is stepped by the last program, element by element. Without the
+    # split such a length makes every access of the launch scalar.
+    body = tl.multiple_of(n_elements // 16 * 16, 16)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    _step_elements(offs, offs < body, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, decay,
+                   weight_decay, lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt,
+                   eps, sr_key, index_base, clip_ptr, MAXIMIZE, WEIGHT_DECAY, DECOUPLED, AMSGRAD,
+                   MASTER, STOCHASTIC, CLIP)
+    if pid == tl.num_programs(0) - 1:
+        tail = body + tl.arange(0, 16)
+        _step_elements(tail, tail < n_elements, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr,
+                       decay, weight_decay, lerp_weight, beta2, one_minus_beta2, neg_step_size,
+                       bc2_sqrt, eps, sr_key, index_base, clip_ptr, MAXIMIZE, WEIGHT_DECAY,
+                       DECOUPLED, AMSGRAD, MASTER, STOCHASTIC, CLIP)
+
+
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     if dtype not in KERNEL_DTYPES:
         return f"the kernel computes in fp32 and steps {', '.join(map(str, KERNEL_DTYPES))} only"
     if device.type == "cuda":
-        return None if torch.cuda.is_available() else "CUDA is not available"
+        if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter runs programs in numpy
+            return "under TRITON_INTERPRET=1 Triton steps CPU tensors only"
+        return None
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") == "1":
             return None
@@ -129,9 +158,8 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return f"Triton does not run on {device.type} tensors"
 
 
-def adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, *, decay, weight_decay,
-               lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
-               maximize, decoupled, sr_key, index_base, clip_coef, device_scalars, found_inf):
+def adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, *, sr_key, **scalars):
+    """The registry's interface (fused_adam/backends/__init__.py)."""
     if sr_key is not None and (param.dtype != torch.bfloat16 or master is not None):
         raise ValueError("stochastic rounding applies to bfloat16 params without a master copy")
     tensors = tuple(t for t in (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master)
@@ -142,6 +170,17 @@ def adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, *, deca
     if n == 0:
         return
     amsgrad = max_exp_avg_sq is not None
+    # Triton launches on the current device; torch's fused ops follow the tensors' device.
+    guard = (torch.cuda.device(param.device) if param.is_cuda and param.device.index !=
+             torch.cuda.current_device() else contextlib.nullcontext())
+    with guard:
+        _launch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, n, amsgrad, sr_key=sr_key,
+                **scalars)
+
+
+def _launch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, n, amsgrad, *, decay,
+            weight_decay, lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
+            maximize, decoupled, sr_key, index_base, clip_coef, device_scalars, found_inf):
     _adam_kernel[(triton.cdiv(n, BLOCK),)](
         param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else exp_avg_sq,
         param if master is None else master, n,

@@ -1,0 +1,106 @@
+"""Step every kernel over odd sizes, misaligned views and every mode: what `make gpu-check` runs
+under `compute-sanitizer --tool memcheck`, where an out-of-bounds or misaligned access is an
+error even when the numbers come out right.
+
+On CUDA the kernels are "triton" and "cuda" (the extension); without a GPU the script still runs
+(the extension's "cpu" kernel) so that a rehearsal checks the script itself. Each result is
+compared with the "torch" reference backend on the same inputs (tolerance: a few ulps of each
+stored dtype, the kernels' correctly rounded sqrt against torch's), and the elements just outside
+each view (guards poisoned with NaN) must be untouched.
+
+    python bench/sanitize_step.py [--device cuda|cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import fused_adam  # noqa: E402
+from fused_adam.functional import adam_step_  # noqa: E402
+
+# 1: no aligned body at all; 17: a body of 16 and a tail of 1; 4099: several programs and a tail.
+SIZES = (1, 17, 4099)
+# Element offsets of each view into a larger buffer: 0 keeps 16-byte alignment, 3 breaks it.
+OFFSETS = (0, 3)
+GUARD = 8
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+# (param, grad, states, master copy, stochastic rounding)
+DTYPES = [(F32, F32, F32, False, False), (BF16, BF16, BF16, False, False),
+          (F16, F32, F32, True, False), (BF16, BF16, F32, False, True)]
+# Every flag at least once, and together: (maximize, weight_decay, decoupled, amsgrad,
+# clip, device step with found_inf)
+MODES = [(False, 0.0, False, False, False, False), (True, 0.1, False, True, False, False),
+         (False, 0.1, True, True, True, False), (False, 0.1, True, False, True, True),
+         (True, 0.0, True, True, False, True)]
+
+
+def _views(n, offset, dtypes, device, gen):
+    """param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master: views at `offset` into buffers
+    with NaN guards on both sides."""
+    p_dtype, g_dtype, s_dtype, _, _ = dtypes
+    base = torch.randn(n, generator=gen)
+    values = [base, torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 0.1,
+              torch.rand(n, generator=gen) * 0.01, torch.rand(n, generator=gen) * 0.02, base]
+    kinds = [p_dtype, g_dtype, s_dtype, s_dtype, s_dtype, F32]
+    out = []
+    for value, dtype in zip(values, kinds):
+        buf = torch.full((offset + n + GUARD,), float("nan"), dtype=dtype, device=device)
+        view = buf[offset:offset + n]
+        view.copy_(value)
+        out.append((buf, view))
+    return out
+
+
+def _run(backend, n, offset, dtypes, mode, device):
+    maximize, wd, decoupled, amsgrad, clip, device_step = mode
+    views = _views(n, offset, dtypes, device, torch.Generator().manual_seed(n + offset))
+    t = [v for _, v in views]
+    found_inf = torch.zeros((), device=device)
+    for step in (1, 2, 3):
+        adam_step_(*t[:4], t[4] if amsgrad else None, t[5] if dtypes[3] else None,
+                   step=torch.tensor(float(step), device=device) if device_step else step,
+                   lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=wd,
+                   decoupled_weight_decay=decoupled, maximize=maximize,
+                   stochastic_rounding_seed=7 if dtypes[4] and not device_step else None,
+                   clip_coef=torch.full((1,), 0.5, device=device) if clip else None,
+                   found_inf=found_inf if device_step else None, backend=backend)
+    return [(buf.cpu(), offset, n) for buf, _ in views]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(parser.parse_args(argv).device)
+    kernels = [b for b in ("triton", "cuda", "cpu") if b in fused_adam.available_backends(device)]
+    print(f"device {device}, kernels {kernels}", flush=True)
+    failures, cases = [], 0
+    for backend, dtypes, mode, n, offset in itertools.product(kernels, DTYPES, MODES, SIZES, OFFSETS):
+        ours = _run(backend, n, offset, dtypes, mode, device)
+        ref = _run("torch", n, offset, dtypes, mode, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # a kernel fault surfaces here, with its case
+        cases += 1
+        for name, (a, o, n_), (b, _, _) in zip(("param", "grad", "exp_avg", "exp_avg_sq",
+                                                 "max_exp_avg_sq", "master"), ours, ref):
+            inside = slice(o, o + n_)
+            guards = torch.cat([a[:o], a[o + n_:]])
+            tol = 4 * torch.finfo(a.dtype).eps
+            stochastic = dtypes[4] and name == "param"  # rounded up or down at random
+            ok = bool(guards.isnan().all()) and torch.allclose(
+                a[inside].float(), b[inside].float(), rtol=tol if not stochastic else 2**-7,
+                atol=1e-6 if not stochastic else 1e-3, equal_nan=True)
+            if not ok:
+                failures.append(f"{backend} n={n} offset={offset} dtypes={dtypes} mode={mode}: {name}")
+    print(f"{cases} cases, {len(failures)} failures", flush=True)
+    for line in failures[:20]:
+        print("FAILED", line)
+    return 1 if failures or not kernels else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

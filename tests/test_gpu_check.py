@@ -1,0 +1,97 @@
+"""`make gpu-check` cannot waste a GPU loan: a hung stage is cut at its cap and the stages after it
+still run; the benchmark and the report are on disk whatever happens; the extension's build log
+keeps the compiler's error; the Triton kernel keeps what it must not specialize."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import gpu_check
+from fused_adam import _ext
+
+QUICK_BENCH = "--sections small --providers fused --budget 0.01"
+
+
+def test_a_hung_stage_is_cut_and_the_rest_still_runs(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(gpu_check.ROOT / "bench" / "gpu_check.py"), "--out", str(tmp_path),
+         "--only", "env", "bench", "tests", "sanitizer", "--hang", "tests", "--cap", "tests=3",
+         "--bench-args", QUICK_BENCH], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stdout + out.stderr  # a cut stage is a failed check
+    stages = json.loads((tmp_path / "gpu-check.json").read_text())["stages"]
+    assert stages["tests"]["status"] == "cut at its 3.0 s cap"
+    assert stages["tests"]["seconds"] < 30
+    assert stages["env"]["status"] == stages["bench"]["status"] == "passed"
+    assert stages["sanitizer"]["status"] == "passed"  # after the cut stage
+    rows = json.loads((tmp_path / "bench-cpu.json").read_text())["rows"]
+    assert {r["provider"] for r in rows} >= {"torch fused"}
+    report = (tmp_path / "gpu-check.md").read_text()
+    assert "| tests | cut at its 3.0 s cap |" in report and "## Benchmark" in report
+    assert json.loads((tmp_path / "env.json").read_text())["torch"] == torch.__version__
+
+
+def test_the_report_is_written_before_a_stage_ends(tmp_path):
+    report = gpu_check.Report(tmp_path, gpu=False)
+    report.set("build", status="running", cap=150, log="build.log")
+    assert "| build | running |" in (tmp_path / "gpu-check.md").read_text()
+
+
+def test_the_tests_stage_selects_cuda_cases_only():
+    cmd = gpu_check.commands(gpu_check.ROOT, gpu=True, bench_args=None)["tests"]
+    assert cmd[cmd.index("-m", cmd.index("pytest")) + 1] == "cuda"
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "cuda",
+                                str(gpu_check.ROOT / "tests" / "test_capturable.py"),
+                                str(gpu_check.ROOT / "tests" / "test_optimizer.py")],
+                               capture_output=True, text=True, cwd=gpu_check.ROOT).stdout
+    assert "test_cuda_graph_capture_and_replay" in collected
+    assert "cpu-" not in collected  # no CPU case of the comparison matrix
+
+
+def test_a_failed_build_keeps_the_compiler_error(tmp_path, monkeypatch):
+    (tmp_path / "broken.cpp").write_text("int main() { return undeclared_name; }\n")
+    monkeypatch.setattr(_ext, "CSRC", tmp_path)
+    monkeypatch.setattr(_ext, "CPU_SOURCES", ["broken.cpp"])
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    with pytest.raises(Exception) as info:
+        _ext._jit_build(torch, verbose=False, cuda=False)
+    reason = _ext.failure_reason(info.value)
+    assert "undeclared_name" in reason and "error" in reason, reason
+
+
+def test_cuda_home_has_the_headers():
+    root = _ext.cuda_home()
+    if root is None:
+        pytest.skip("no CUDA toolkit here")
+    assert (gpu_check.Path(root) / "include" / "cuda_runtime.h").exists()
+
+
+def test_the_triton_kernel_does_not_specialize_per_step_arguments():
+    """sr_key changes every step, index_base every segment: specialized, they would compile new
+    variants mid-run (and sr_key == 1 fails to compile)."""
+    triton_kernel = pytest.importorskip("fused_adam.backends.triton_kernel")
+    unspecialized = {p.name for p in triton_kernel._adam_kernel.params if p.do_not_specialize}
+    assert {"sr_key", "index_base", "n_elements"} <= unspecialized
+
+
+def test_sanitizer_script_runs_every_kernel_here():
+    out = subprocess.run([sys.executable, str(gpu_check.ROOT / "bench" / "sanitize_step.py")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and " 0 failures" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
+
+
+def test_cases_on_cuda_tensors_get_the_marker():
+    import conftest
+
+    class Item:
+        def __init__(self, **params):
+            self.callspec, self.marks = type("Spec", (), {"params": params}), []
+
+        def add_marker(self, mark):
+            self.marks.append(mark.name)
+
+    items = [Item(device="cuda", backend="triton"), Item(device="cpu", backend="cpu"),
+             Item(pair=("cpu", "cuda")), Item(device=torch.device("cuda", 1))]
+    conftest.pytest_collection_modifyitems(items)
+    assert [i.marks for i in items] == [["cuda"], [], ["cuda"], ["cuda"]]
