@@ -62,7 +62,7 @@ gpu-check:
 # to import it or to build against its headers with the local nvcc.
 $(COMPAT_VENV)/.ready:
 	$(PYTHON) -m venv $(COMPAT_VENV)
-	$(COMPAT_PY) -m pip install -q $(COMPAT_PINS) pytest pytest-xdist pytest-timeout numpy ninja matplotlib
+	$(COMPAT_PY) -m pip install -q $(COMPAT_PINS) pytest pytest-xdist pytest-timeout numpy ninja matplotlib setuptools wheel
 	@touch $@
 
 # A copy of the tree, so that its extension (same file name, other torch ABI) never replaces the

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bench import gpu_check
+import fused_adam
 from fused_adam import _ext
 
 QUICK_BENCH = "--sections small --providers fused --budget 0.01"
@@ -95,3 +96,28 @@ def test_cases_on_cuda_tensors_get_the_marker():
              Item(pair=("cpu", "cuda")), Item(device=torch.device("cuda", 1))]
     conftest.pytest_collection_modifyitems(items)
     assert [i.marks for i in items] == [["cuda"], [], ["cuda"], ["cuda"]]
+
+
+def test_the_torch_backend_keeps_no_workspace_off_the_cpu():
+    """Caching allocators reuse blocks already; a workspace would hold the largest step's
+    temporaries for the life of the process (~5 GB of GPU memory after a 1B-parameter step)."""
+    from fused_adam.backends import torch_ref
+    like = torch.empty(1 << 20, device="meta")
+    held = dict(getattr(torch_ref._workspace, "buffers", {}))
+    assert torch_ref._scratch(like, 0, torch.float32).device.type == "meta"
+    assert getattr(torch_ref._workspace, "buffers", {}) == held
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_triton_steps_params_on_a_device_other_than_the_current_one():
+    from fused_adam.functional import adam_step_
+    if "triton" not in fused_adam.available_backends("cuda"):
+        pytest.skip("triton is not available")
+    ts = [torch.full((4099,), v, device="cuda:1") for v in (1.0, 0.5, 0.0, 0.0)]
+    ref = [t.cpu() for t in ts]
+    with torch.cuda.device(0):
+        adam_step_(*ts, step=1, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, backend="triton")
+    adam_step_(*ref, step=1, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, backend="torch")
+    for a, b in zip(ts, ref):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=1e-7)

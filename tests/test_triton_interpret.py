@@ -32,6 +32,12 @@ def test_triton_kernel_under_interpreter():
 
 
 @pytest.mark.skipif(not INTERPRET, reason="runs in the interpreted child")
+def test_triton_child_sees_no_gpu():
+    import torch
+    assert not torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs in the interpreted child")
 def test_triton_interpreter_fma_rounds_once():
     from interpreter_fixes import probe
     assert probe()[0] == 2**-11 + 2**-24
