@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 STAGES = ("env", "build", "bench", "tests", "sanitizer")
 # Seconds per stage, 410 in all: the budget is 7 minutes, of a device call's 9 (a machine start
 # costs 1-2 of a task's 15). The JIT build (four sources, CUDA part for the visible GPU) took
@@ -132,6 +133,16 @@ def commands(out: Path, gpu: bool, bench_args: list[str] | None) -> dict:
         sanitizer=([sanitizer, "--tool", "memcheck", "--error-exitcode", "1", "--print-limit",
                     "20", *script] if sanitizer and gpu else script),
     )
+
+
+def plot_partial(out: Path) -> None:
+    """The plots of a bench run cut short (it plots only at its end), from the cases it wrote."""
+    for path in out.glob("bench-*.json"):
+        try:
+            from bench import plots
+            plots.plot(json.loads(path.read_text()), out)
+        except Exception as exc:  # noqa: BLE001 - the tables are what matter
+            print(f"plots of {path.name} skipped: {type(exc).__name__}: {exc}")
 
 
 class Report:
@@ -234,6 +245,8 @@ def main(argv=None) -> int:
         t0 = time.time()
         status, last = run_stage(name, cmd, caps[name], out / report.stages[name]["log"], env)
         failed |= not status.startswith(("passed", "no CUDA"))
+        if name == "bench" and not status.startswith("passed"):
+            plot_partial(out)
         report.set(name, status=status, seconds=round(time.time() - t0), last=last)
         print(f"{name:10} {status} ({time.time() - t0:.0f} s): {last}", flush=True)
     print((out / "gpu-check.md").read_text())

@@ -23,6 +23,11 @@ def _x(value):
     return "" if value is None else f"{value:.2f}x"
 
 
+def _image(alt, rel):
+    """The plot's line, where the plot exists (a gpu-check bench cut short may have none)."""
+    return [f"![{alt}]({rel})", ""] if (ROOT / rel).exists() else []
+
+
 def device_section(results, rel: str):
     rows = results["rows"]
     ours = _ours(rows)
@@ -41,7 +46,7 @@ def device_section(results, rel: str):
             if (case, provs[0]) in sweep:
                 out.append(f"| {case} | " + " | ".join(
                     f"{sweep[case, p]['gbps']:.1f}" for p in provs) + " |")
-        out += ["", f"![GB/s against size]({rel}-sweep.png)", ""]
+        out += ["", *_image("GB/s against size", f"{rel}-sweep.png")]
     cases = [r for r in rows if r["section"] in ("models", "small") and r["provider"] == ours[0]]
     if cases:
         out += ["Step time in ms (median; *host*: time until `step()` returns) and the best of ours "
@@ -57,7 +62,7 @@ def device_section(results, rel: str):
             label = c["case"] + (" *host*" if c["host_time"] else "")
             out.append(f"| {label} | {c['tensors']} | {c['params'] / 1e6:.1f}M | " + " | ".join(ms)
                        + f" | **{_x(best['vs_fused'])}** | {_x(best['vs_foreach'])} |")
-        out += ["", f"![speedup over torch fused]({rel}-models.png)", ""]
+        out += ["", *_image("speedup over torch fused", f"{rel}-models.png")]
     prec = [r for r in rows if r["section"] == "precision"]
     if prec:
         out += [f"Mixed precision, one tensor of {prec[0]['params'] / 1e6:.1f}M elements:", "",

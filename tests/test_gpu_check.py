@@ -121,3 +121,20 @@ def test_triton_steps_params_on_a_device_other_than_the_current_one():
     adam_step_(*ref, step=1, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, backend="torch")
     for a, b in zip(ts, ref):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_cut_bench_still_gets_its_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = json.loads((gpu_check.ROOT / "bench" / "results" / "bench-cpu.json").read_text())
+    results["rows"] = [r for r in results["rows"] if r["section"] == "models"]  # cut after models
+    (tmp_path / "bench-cpu.json").write_text(json.dumps(results))
+    gpu_check.plot_partial(tmp_path)
+    assert (tmp_path / "bench-cpu-models.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "bench-cpu-sweep.png").exists()
+
+
+def test_triton_under_the_interpreter_claims_no_cuda_tensors(monkeypatch):
+    triton_kernel = pytest.importorskip("fused_adam.backends.triton_kernel")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "CPU tensors only" in triton_kernel.unavailable_reason(torch.device("cuda"), torch.float32)
+    assert triton_kernel.unavailable_reason(torch.device("cpu"), torch.float32) is None

@@ -144,6 +144,13 @@ def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, n_elements, decay,
                        DECOUPLED, AMSGRAD, MASTER, STOCHASTIC, CLIP)
 
 
+def _as_int32(key: int) -> int:
+    """A uint32 key as the int32 of the same bits. Triton types an int argument i32 or i64 by its
+    value even where it does not specialize it: a uint32 passed as is would switch variants
+    between steps (keys >= 2**31); the kernel's `.to(tl.uint32)` restores the bits."""
+    return key - (1 << 32) if key >= 1 << 31 else key
+
+
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     if dtype not in KERNEL_DTYPES:
         return f"the kernel computes in fp32 and steps {', '.join(map(str, KERNEL_DTYPES))} only"
@@ -185,7 +192,7 @@ def _launch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, n, amsgrad
         param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else exp_avg_sq,
         param if master is None else master, n,
         decay, weight_decay, lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
-        0 if sr_key is None else sr_key, index_base, param if clip_coef is None else clip_coef,
+        _as_int32(sr_key or 0), index_base, param if clip_coef is None else clip_coef,
         param if device_scalars is None else device_scalars,
         param if found_inf is None else found_inf,
         MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0, DECOUPLED=decoupled, AMSGRAD=amsgrad,
