@@ -34,6 +34,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -58,43 +59,58 @@ GPU_BENCH_ARGS = ["--sections", "models", "small", "precision", "sweep", "--prov
 CPU_BENCH_ARGS = ["--sections", "small", "sweep", "--sizes", "12", "14", "--budget", "0.05"]
 
 
-def facts() -> dict:
-    """The environment, as far as it can be read: never raises."""
+def facts(path: Path) -> dict:
+    """The environment, as far as it can be read; never raises. Written to `path` after every
+    fact, so a slow tool that gets the stage cut loses only what comes after it."""
     out = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                python=platform.python_version(), cpus=os.cpu_count(), host=platform.node())
 
+    def record(key, value):
+        out[key] = value
+        _write_atomic(path, json.dumps(out, indent=1))
+
     def run(*cmd):
         try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=5).stdout.strip()
         except (OSError, subprocess.SubprocessError) as exc:
             return f"unavailable: {exc}"
 
-    out["nvidia_smi"] = run("nvidia-smi", "--query-gpu=name,driver_version,memory.total,"
-                            "clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.draw,"
-                            "power.limit,temperature.gpu,compute_mode,mig.mode.current",
-                            "--format=csv")
-    out["nvidia_smi_clocks"] = run("nvidia-smi", "-q", "-d", "CLOCK,PERFORMANCE")
-    out["nvcc"] = run("nvcc", "--version").splitlines()[-1:] or None
-    out["compute_sanitizer"] = sanitizer_path()
     for module in ("torch", "triton", "numpy", "pytest", "xdist", "pytest_timeout", "matplotlib",
                    "ninja"):
         try:
-            mod = __import__(module)
-            out[module] = getattr(mod, "__version__", "installed")
+            record(module, getattr(__import__(module), "__version__", "installed"))
         except Exception as exc:  # noqa: BLE001 - a fact, not a failure
-            out[module] = f"unavailable: {type(exc).__name__}: {exc}"
+            record(module, f"unavailable: {type(exc).__name__}: {exc}")
     try:
         import torch
-        out["torch_cuda"] = torch.version.cuda
-        out["gpu"] = [dict(name=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
-                           memory_gib=round(p.total_memory / 2**30, 1),
-                           l2_mib=getattr(p, "L2_cache_size", 0) / 2**20)
-                      for p in map(torch.cuda.get_device_properties, range(torch.cuda.device_count()))]
-        from fused_adam import _ext
-        out["cuda_home"] = _ext.cuda_home()
+        record("torch_cuda", torch.version.cuda)
+        record("gpu", [dict(name=p.name, capability=f"{p.major}.{p.minor}",
+                            sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1),
+                            l2_mib=getattr(p, "L2_cache_size", 0) / 2**20)
+                       for p in map(torch.cuda.get_device_properties, range(torch.cuda.device_count()))])
     except Exception as exc:  # noqa: BLE001
-        out["gpu"] = f"unavailable: {type(exc).__name__}: {exc}"
+        record("gpu", f"unavailable: {type(exc).__name__}: {exc}")
+    record("nvidia_smi", run("nvidia-smi", "--query-gpu=name,driver_version,memory.total,"
+                             "clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.draw,"
+                             "power.limit,temperature.gpu,compute_mode,mig.mode.current",
+                             "--format=csv"))
+    record("compute_sanitizer", sanitizer_path())
+    record("nvcc", run("nvcc", "--version").splitlines()[-1:] or None)
+    try:
+        from fused_adam import _ext
+        record("cuda_home", _ext.cuda_home())
+    except Exception as exc:  # noqa: BLE001
+        record("cuda_home", f"unavailable: {type(exc).__name__}: {exc}")
+    record("nvidia_smi_clocks", run("nvidia-smi", "-q", "-d", "CLOCK,PERFORMANCE"))
     return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """A reader (the report, a copy made when the run is killed) sees the old or the new file,
+    never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def sanitizer_path() -> str | None:
@@ -114,13 +130,16 @@ def has_gpu() -> bool:
 
 
 def commands(out: Path, gpu: bool, bench_args: list[str] | None) -> dict:
-    """Each stage's command line, or a reason it does not run here."""
+    """Each stage's command line."""
     py = sys.executable
-    pytest_args = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-ra", "-m", "cuda"]
+    # -v streams each test's outcome as it ends (under xdist -q names failures only in the final
+    # summary, lost when the stage is cut); the thread method of pytest-timeout also ends a test
+    # hung inside a CUDA call, where a signal would wait for the call to return.
+    pytest_args = [py, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-ra", "-m", "cuda"]
     if importlib.util.find_spec("xdist"):
         pytest_args += ["-n", str(min(8, os.cpu_count() or 1))]
     if importlib.util.find_spec("pytest_timeout"):
-        pytest_args += ["--timeout", "60"]
+        pytest_args += ["--timeout", "60", "--timeout-method", "thread"]
     sanitizer = sanitizer_path()
     script = [py, str(ROOT / "bench" / "sanitize_step.py")]
     return dict(
@@ -130,19 +149,26 @@ def commands(out: Path, gpu: bool, bench_args: list[str] | None) -> dict:
                "--out", str(out), *(bench_args if bench_args is not None else
                                     GPU_BENCH_ARGS if gpu else CPU_BENCH_ARGS)],
         tests=pytest_args,
+        # Only our kernels are instrumented (torch's run at full speed): "adam_kernel" is in the
+        # names of the Triton kernel and of the extension's CUDA kernels.
         sanitizer=([sanitizer, "--tool", "memcheck", "--error-exitcode", "1", "--print-limit",
-                    "20", *script] if sanitizer and gpu else script),
+                    "20", "--kernel-name", "kns=adam_kernel", *script] if sanitizer and gpu
+                   else script),
     )
 
 
-def plot_partial(out: Path) -> None:
-    """The plots of a bench run cut short (it plots only at its end), from the cases it wrote."""
-    for path in out.glob("bench-*.json"):
+def plot_partial(out: Path, device: str) -> None:
+    """The plots of this run's bench when it was cut short (it plots only at its end), from the
+    cases it wrote; in a process of its own under a cap, as every stage."""
+    code = ("import json, sys; from pathlib import Path; from bench import plots; "
+            "plots.plot(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]))")
+    path = out / f"bench-{device}.json"
+    if path.exists():
         try:
-            from bench import plots
-            plots.plot(json.loads(path.read_text()), out)
-        except Exception as exc:  # noqa: BLE001 - the tables are what matter
-            print(f"plots of {path.name} skipped: {type(exc).__name__}: {exc}")
+            subprocess.run([sys.executable, "-c", code, str(path), str(out)], cwd=ROOT, timeout=60,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        except subprocess.TimeoutExpired:
+            pass
 
 
 class Report:
@@ -154,7 +180,15 @@ class Report:
 
     def set(self, stage, **fields):
         self.stages.setdefault(stage, {}).update(fields)
-        self.write()
+        try:
+            self.write()
+        except Exception as exc:  # noqa: BLE001 - the report must never stop the check
+            print(f"report not written: {type(exc).__name__}: {exc}", flush=True)
+
+    def _fresh(self, name: str) -> Path | None:
+        """`name` under out when this run wrote it (not a file left by an earlier run)."""
+        path = self.out / name
+        return path if path.exists() and path.stat().st_mtime >= self.started else None
 
     def write(self):
         lines = ["# gpu-check report", "",
@@ -166,46 +200,73 @@ class Report:
             last = s.get("last", "").replace("|", "/")[:160]
             lines.append(f"| {name} | {s['status']} | {s.get('seconds', '')} | {s.get('cap', '')} | "
                          f"{s.get('log', '')} | {last} |")
-        env = self.out / "env.json"
-        if env.exists():
+        env = self._fresh("env.json")
+        if env:
             e = json.loads(env.read_text())
             lines += ["", "## Environment", "", f"- GPU: {e.get('gpu')}",
                       f"- torch {e.get('torch')} (CUDA {e.get('torch_cuda')}), triton {e.get('triton')}, "
                       f"Python {e.get('python')}, nvcc {e.get('nvcc')}, CUDA_HOME {e.get('cuda_home')}",
                       "", "```", str(e.get("nvidia_smi")), "```"]
-        for name in ("bench-cuda.md", "bench-cpu.md"):
-            if (self.out / name).exists() and "bench" in self.stages:
-                lines += ["", "## Benchmark", "", (self.out / name).read_text()]
-                break
-        failed = []
-        if (self.out / "pytest.log").exists():
-            failed = [line for line in (self.out / "pytest.log").read_text(errors="replace").splitlines()
-                      if line.startswith(("FAILED", "ERROR"))]
+        bench = self._fresh(f"bench-{'cuda' if self.gpu else 'cpu'}.md")
+        if bench:
+            lines += ["", "## Benchmark", "", bench.read_text()]
+        log = self._fresh("pytest.log")
+        failed = [] if log is None else [
+            line for line in log.read_text(errors="replace").splitlines()
+            if re.search(r"\b(FAILED|ERROR) tests/", line)]
         if failed:
-            lines += ["", "## Test failures", "", *failed[:40]]
-        (self.out / "gpu-check.md").write_text("\n".join(lines) + "\n")
-        (self.out / "gpu-check.json").write_text(json.dumps(
+            lines += ["", "## Test failures", "", *dict.fromkeys(failed[:40])]
+        _write_atomic(self.out / "gpu-check.md", "\n".join(lines) + "\n")
+        _write_atomic(self.out / "gpu-check.json", json.dumps(
             dict(gpu=self.gpu, started=self.started, stages=self.stages), indent=1))
 
 
-def run_stage(name, cmd, cap, log: Path, env) -> tuple[str, str]:
-    """Run `cmd` with its output streamed to `log`; (status, last line of output)."""
-    with log.open("w") as f:
-        f.write("$ " + shlex.join(cmd) + "\n")
-        f.flush()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
-                                start_new_session=True)  # its own group: a cut kills children too
+class Stage:
+    """One stage's process, in a process group of its own so that a cut kills its children
+    (xdist workers, ninja, the sanitized python) too."""
+
+    def __init__(self, cmd, log: Path, env):
+        self.log = log.open("w")
+        self.log.write("$ " + shlex.join(cmd) + "\n")
+        self.log.flush()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env=env, start_new_session=True)
+
+    def kill(self):
         try:
-            rc = proc.wait(timeout=cap)
-            status = "passed" if rc == 0 else f"failed (exit {rc})"
-            if name == "tests" and rc == 5:
-                status = "no CUDA test cases here (no GPU)"
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            status = f"cut at its {cap} s cap"
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.log.close()
+
+
+def run_stage(name, stage: Stage, cap) -> str:
+    """Wait for `stage` up to `cap` seconds; its status."""
+    try:
+        rc = stage.proc.wait(timeout=cap)
+        status = "passed" if rc == 0 else f"failed (exit {rc})"
+        if name == "tests" and rc == 5:
+            status = "no CUDA test cases here (no GPU)"
+    except subprocess.TimeoutExpired:
+        status = f"cut at its {cap:g} s cap"
+    stage.kill()  # a cut stage, or leftovers of a finished one
+    return status
+
+
+def _last_line(log: Path) -> str:
     text = log.read_text(errors="replace").strip().splitlines()
-    return status, (text[-1] if len(text) > 1 else "")
+    return text[-1] if len(text) > 1 else ""
+
+
+def _caps(specs: list[str]) -> dict:
+    caps = dict(CAPS)
+    for spec in specs:
+        name, sep, seconds = spec.partition("=")
+        if name not in CAPS or not sep:
+            raise SystemExit(f"--cap takes STAGE=SECONDS with STAGE one of {', '.join(STAGES)}: {spec!r}")
+        caps[name] = float(seconds)
+    return caps
 
 
 def main(argv=None) -> int:
@@ -218,37 +279,58 @@ def main(argv=None) -> int:
     parser.add_argument("--facts", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.facts:  # the env stage, in its own process
-        data = facts()
-        Path(args.facts).write_text(json.dumps(data, indent=1))
+        data = facts(Path(args.facts))
         print(json.dumps(data, indent=1))
         gpus = ", ".join(g["name"] for g in data["gpu"]) if isinstance(data["gpu"], list) else ""
         print(f"{gpus or 'no GPU'}; torch {data['torch']}, triton {data['triton']}, "
               f"Python {data['python']}")
         return 0
+    caps = _caps(args.cap)
     gpu = has_gpu()
-    out = Path(args.out or ROOT / ("bench/results" if gpu else "build/gpu-check"))
+    out = Path(args.out or ROOT / ("bench/results" if gpu else "build/gpu-check")).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    caps = dict(CAPS, **{k: float(v) for k, v in (c.split("=") for c in args.cap)})
     cmds = commands(out, gpu, None if args.bench_args is None else shlex.split(args.bench_args))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     # gloo, used by the distributed tests, picks an interface by the host name; on a box with no
     # network that name may resolve to nothing: loopback always exists.
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     report = Report(out, gpu)
+    current: dict = {}
+
+    def killed(signum, _frame):  # the outer tool's timeout: end the stage, say so, stop
+        if current:
+            current["stage"].kill()
+            report.set(current["name"], status=f"killed by signal {signum}",
+                       seconds=round(time.time() - current["t0"]))
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, killed)
+    signal.signal(signal.SIGINT, killed)
     failed = False
     for name in args.only:
         cmd = cmds[name]
         if args.hang == name:
             cmd = [sys.executable, "-c", f"import time; time.sleep({caps[name] * 10 + 60})"]
-        report.set(name, status="running", cap=caps[name], log=f"{name}.log" if name != "tests" else "pytest.log")
-        t0 = time.time()
-        status, last = run_stage(name, cmd, caps[name], out / report.stages[name]["log"], env)
-        failed |= not status.startswith(("passed", "no CUDA"))
-        if name == "bench" and not status.startswith("passed"):
-            plot_partial(out)
-        report.set(name, status=status, seconds=round(time.time() - t0), last=last)
-        print(f"{name:10} {status} ({time.time() - t0:.0f} s): {last}", flush=True)
+        log = out / ("pytest.log" if name == "tests" else f"{name}.log")
+        stage_env = env
+        if name == "sanitizer":  # exact allocations: memcheck then sees a read past any tensor
+            stage_env = dict(env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+        report.set(name, status="running", cap=caps[name], log=log.name)
+        current.update(name=name, t0=time.time(), stage=Stage(cmd, log, stage_env))
+        status = run_stage(name, current["stage"], caps[name])
+        seconds = time.time() - current.pop("t0")
+        current.clear()
+        ok = status.startswith(("passed", "no CUDA"))
+        failed |= not ok
+        if name == "build" and not ok:
+            # The later stages run without the extension (Triton and the torch backend still
+            # do) rather than each retrying the build, or waiting on a cut build's lock file.
+            env["FUSED_ADAM_NO_EXT"] = "1"
+        if name == "bench" and not ok:
+            plot_partial(out, "cuda" if gpu else "cpu")
+        report.set(name, status=status, seconds=round(seconds), last=_last_line(log))
+        print(f"{name:10} {status} ({seconds:.0f} s): {_last_line(log)}", flush=True)
     print((out / "gpu-check.md").read_text())
     return 1 if failed else 0
 

@@ -76,7 +76,7 @@ def cuda_home() -> str | None:
     if nvcc:
         try:  # nvcc --dryrun prints its own variables, `_HERE_` being its real bin directory
             out = subprocess.run([nvcc, "--dryrun", "-c", "x.cu"], capture_output=True, text=True,
-                                 timeout=30).stderr
+                                 timeout=10).stderr
             here = re.search(r"^#\$ _HERE_=(.+)$", out, re.MULTILINE)
             candidates.append(str(Path(here.group(1).strip()).parent) if here else None)
         except (OSError, subprocess.SubprocessError):
@@ -133,6 +133,8 @@ if __name__ == "__main__":
         except Exception as exc:  # noqa: BLE001 - reported below
             _state["reason"] = failure_reason(exc)
     reason = load(verbose=True)
+    if reason is None and torch.cuda.is_available() and not has_kernel("cuda"):
+        reason = "built without its CUDA kernel although a GPU is visible (no CUDA toolkit found?)"
     print("fused_adam extension:", "loaded, kernels for " + ", ".join(
         d for d in ("cpu", "cuda") if reason is None and has_kernel(d)) if reason is None
           else f"unavailable: {reason}", flush=True)

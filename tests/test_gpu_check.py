@@ -2,8 +2,10 @@
 still run; the benchmark and the report are on disk whatever happens; the extension's build log
 keeps the compiler's error; the Triton kernel keeps what it must not specialize."""
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -22,14 +24,14 @@ def test_a_hung_stage_is_cut_and_the_rest_still_runs(tmp_path):
          "--bench-args", QUICK_BENCH], capture_output=True, text=True, timeout=300)
     assert out.returncode == 1, out.stdout + out.stderr  # a cut stage is a failed check
     stages = json.loads((tmp_path / "gpu-check.json").read_text())["stages"]
-    assert stages["tests"]["status"] == "cut at its 3.0 s cap"
+    assert stages["tests"]["status"] == "cut at its 3 s cap"
     assert stages["tests"]["seconds"] < 30
     assert stages["env"]["status"] == stages["bench"]["status"] == "passed"
     assert stages["sanitizer"]["status"] == "passed"  # after the cut stage
     rows = json.loads((tmp_path / "bench-cpu.json").read_text())["rows"]
     assert {r["provider"] for r in rows} >= {"torch fused"}
     report = (tmp_path / "gpu-check.md").read_text()
-    assert "| tests | cut at its 3.0 s cap |" in report and "## Benchmark" in report
+    assert "| tests | cut at its 3 s cap |" in report and "## Benchmark" in report
     assert json.loads((tmp_path / "env.json").read_text())["torch"] == torch.__version__
 
 
@@ -61,11 +63,52 @@ def test_a_failed_build_keeps_the_compiler_error(tmp_path, monkeypatch):
     assert "undeclared_name" in reason and "error" in reason, reason
 
 
-def test_cuda_home_has_the_headers():
-    root = _ext.cuda_home()
-    if root is None:
-        pytest.skip("no CUDA toolkit here")
-    assert (gpu_check.Path(root) / "include" / "cuda_runtime.h").exists()
+def test_cuda_home_is_found_through_an_nvcc_wrapper(tmp_path, monkeypatch):
+    """An `nvcc` on PATH that execs the toolkit's (this CI machine's /usr/local/bin/nvcc): torch
+    guesses the wrapper's grandparent; the toolkit is where nvcc says it lives."""
+    toolkit, wrapper = tmp_path / "cuda-13.0", tmp_path / "wrapper"
+    (toolkit / "include").mkdir(parents=True)
+    (toolkit / "include" / "cuda_runtime.h").write_text("")
+    for folder, body in ((toolkit / "bin", f"echo '#$ _HERE_={toolkit}/bin' >&2"),
+                         (wrapper / "bin", f'exec {toolkit}/bin/nvcc "$@"')):
+        folder.mkdir(parents=True)
+        (folder / "nvcc").write_text(f"#!/bin/sh\n{body}\n")
+        (folder / "nvcc").chmod(0o755)
+    monkeypatch.setenv("PATH", str(wrapper / "bin"))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    assert _ext.cuda_home() == str(toolkit)
+
+
+def test_a_failed_build_runs_the_later_stages_without_the_extension(tmp_path):
+    subprocess.run([sys.executable, str(gpu_check.ROOT / "bench" / "gpu_check.py"), "--out",
+                    str(tmp_path), "--only", "build", "sanitizer", "--hang", "build", "--cap",
+                    "build=2"], capture_output=True, text=True, timeout=300)
+    assert "kernels []" in (tmp_path / "sanitizer.log").read_text()
+
+
+def test_a_killed_check_kills_its_stage_and_says_so(tmp_path):
+    proc = subprocess.Popen([sys.executable, str(gpu_check.ROOT / "bench" / "gpu_check.py"),
+                             "--out", str(tmp_path), "--only", "bench", "--hang", "bench"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, report = time.time() + 60, tmp_path / "gpu-check.md"
+    while not (report.exists() and "running" in report.read_text()):
+        assert time.time() < deadline
+        time.sleep(0.2)
+    time.sleep(1)  # the stage's sleeper has started
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    stages = json.loads((tmp_path / "gpu-check.json").read_text())["stages"]
+    assert stages["bench"]["status"] == f"killed by signal {int(signal.SIGTERM)}"
+    sleepers = subprocess.run(["pgrep", "-f", "time.sleep(1710"], capture_output=True, text=True)
+    assert sleepers.stdout == "", "the stage outlived the check"
+
+
+def test_a_bad_cap_is_refused():
+    with pytest.raises(SystemExit, match="STAGE=SECONDS"):
+        gpu_check._caps(["tests"])
+    with pytest.raises(SystemExit, match="STAGE=SECONDS"):
+        gpu_check._caps(["test=3"])
 
 
 def test_the_triton_kernel_does_not_specialize_per_step_arguments():
@@ -128,7 +171,7 @@ def test_a_cut_bench_still_gets_its_plots(tmp_path):
     results = json.loads((gpu_check.ROOT / "bench" / "results" / "bench-cpu.json").read_text())
     results["rows"] = [r for r in results["rows"] if r["section"] == "models"]  # cut after models
     (tmp_path / "bench-cpu.json").write_text(json.dumps(results))
-    gpu_check.plot_partial(tmp_path)
+    gpu_check.plot_partial(tmp_path, "cpu")
     assert (tmp_path / "bench-cpu-models.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "bench-cpu-sweep.png").exists()
 

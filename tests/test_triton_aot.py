@@ -43,8 +43,9 @@ def _compile(arch, mode, pointer_types=None):
     constexprs = dict(dict(CLIP=False, DEVICE_SCALARS=False, SKIP=False), **MODES[mode], BLOCK=BLOCK)
     low = BF16 if MODES[mode]["MASTER"] or MODES[mode]["STOCHASTIC"] else set()
     signature = {n: "*bf16" if n in low else "*fp32" for n in POINTERS} | (pointer_types or {})
-    signature |= {"n_elements": "i64"} | {n: "fp32" for n in SCALARS}
-    signature |= {"sr_key": "i64", "index_base": "i64", "clip_ptr": "*fp32",
+    # Ints as launched: i32 while their values fit (Triton types ints by value).
+    signature |= {"n_elements": "i32"} | {n: "fp32" for n in SCALARS}
+    signature |= {"sr_key": "i32", "index_base": "i32", "clip_ptr": "*fp32",
                   "scalars_ptr": "*fp32", "found_ptr": "*fp32"}
     signature |= {n: "constexpr" for n in constexprs}
     # What the launcher's specialization sees for flat buffers: 16-aligned pointers. The length is
@@ -85,6 +86,11 @@ def test_ptx_is_vectorized_and_exact(arch, mode, tmp_path):
         # fp32 m, v and bf16 p, g: 2 x 128 bits per thread for each fp32 tensor, 1 per bf16
         assert ptx.count("ld.global.v4.b32") == 2 * per_thread + 2 * (per_thread // 2)
         assert ptx.count("st.global.v4.b32") == 2 * per_thread + per_thread // 2
+        # The hash runs for every element a thread stores, the tail's included: with i32
+        # arguments an i32 tail index made `index >> 32` undefined and LLVM folded the hash away
+        # (the tail then stored bits >> 16 | 0x40: 1.001 became 1.5). 0x7FEB352D, twice a hash.
+        elements = BLOCK // (NUM_WARPS * 32)
+        assert ptx.count(str(0x7FEB352D)) == 2 * (elements + 1)
     elif MODES[mode]["MASTER"]:
         # fp32 w, m, v: 2 x 128 bits per thread each; bf16 p (store) and g (load): 1 each
         assert ptx.count("ld.global.v4.b32") == 3 * per_thread + per_thread // 2

@@ -64,6 +64,7 @@ def _lowbias32(x):
 @triton.jit
 def _bf16_stochastic(p, key, index):
     """bf16 bits (uint16) of fp32 p, stochastically rounded: csrc/adam_math.h."""
+    index = index.to(tl.int64)  # an i32 index (i32 index_base and tail) would make >> 32 undefined
     lo = index.to(tl.uint32)
     hi = (index >> 32).to(tl.uint32) * tl.full((), 0x9E3779B9, tl.uint32)
     random = _lowbias32(key ^ _lowbias32(lo ^ hi))
@@ -137,7 +138,7 @@ def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, n_elements, decay,
                    eps, sr_key, index_base, clip_ptr, MAXIMIZE, WEIGHT_DECAY, DECOUPLED, AMSGRAD,
                    MASTER, STOCHASTIC, CLIP)
     if pid == tl.num_programs(0) - 1:
-        tail = body + tl.arange(0, 16)
+        tail = body.to(tl.int64) + tl.arange(0, 16)  # int64, as the body's offsets
         _step_elements(tail, tail < n_elements, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr,
                        decay, weight_decay, lerp_weight, beta2, one_minus_beta2, neg_step_size,
                        bc2_sqrt, eps, sr_key, index_base, clip_ptr, MAXIMIZE, WEIGHT_DECAY,
