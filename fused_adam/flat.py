@@ -150,10 +150,11 @@ class FlatBuffer:
                       for name, flat in (("param", self.param), ("grad", self.grad), *self.state.items())}
         # Indices of params copied in and out around each update, never re-pointed.
         self.external = [i for i, p in enumerate(params) if _is_external(p)]
+        self.external_set = set(self.external)
         with torch.no_grad():
             for i, (p, view) in enumerate(zip(params, self.views["param"])):
                 view.copy_(_local(p))
-                if i not in self.external:
+                if i not in self.external_set:
                     p.data = view
                     _REPOINTED[id(p)] = p
         self.initialized = [False] * len(params)
@@ -238,7 +239,7 @@ class FlatBuffer:
             views = [self.views["grad"][i] for i, _ in foreign]
             torch._foreach_copy_(views, [g for _, g in foreign])
             for (i, _), view in zip(foreign, views):
-                if i not in self.external:
+                if i not in self.external_set:
                     self.params[i].grad = view
         if self.external:  # the shard may have been written since (a checkpoint load)
             torch._foreach_copy_([self.views["param"][i] for i in self.external],
@@ -331,7 +332,8 @@ class GroupBuffers:
 
     def __init__(self, params: list[torch.Tensor], layout: Layout, state):
         by_key: dict[tuple, list[torch.Tensor]] = {}
-        for p in params:
+        # A param listed twice (torch warns, then updates it twice a step) is stepped once.
+        for p in {id(p): p for p in params}.values():
             by_key.setdefault(buffer_key(p), []).append(p)
         self.buffers = [FlatBuffer(ps, layout) for ps in by_key.values()]
         for buf in self.buffers:

@@ -7,6 +7,7 @@ It never touches a kernel.
 from __future__ import annotations
 
 import functools
+import numbers
 
 import torch
 from torch.optim import Optimizer
@@ -43,12 +44,19 @@ class FusedAdam(Optimizer):
 
     _layout: list[GroupBuffers] | None = None
     _layout_state = None
-    # torch.amp.GradScaler's protocol: it sets `grad_scale` (None once unscaled) and `found_inf`
-    # for each step() call instead of unscaling and checking found_inf on the host; the unscale
-    # and the skip then happen in the update kernel. Once a scaler has been seen (`_amp`), step
-    # counts move to the device, so a skipped step is not counted without a host sync.
-    _step_supports_amp_scaling = True
     _amp = False
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """torch.amp.GradScaler's protocol, advertised where skip_nonfinite asks for in-kernel
+        skipping: the scaler then sets `grad_scale` (None once unscaled) and `found_inf` for each
+        step() call instead of unscaling and checking found_inf on the host; the unscale and the
+        skip happen in the update kernel, and once a scaler has been seen (`_amp`) step counts
+        move to the device, so a skipped step is not counted without a host sync. Not advertised
+        by default, as torch's default AdamW: Lightning refuses gradient clipping for optimizers
+        that advertise it (bf16-mixed included), and accelerate's `step_was_skipped` relies on
+        the scaler not calling step() on an overflow."""
+        return any(g.get("skip_nonfinite") for g in self.param_groups)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
@@ -56,19 +64,9 @@ class FusedAdam(Optimizer):
                  bias_correction=True, master_weights=False, state_dtype=None,
                  stochastic_rounding=False, seed=0, max_grad_norm=None, skip_nonfinite=False,
                  backend="auto"):
-        _check_hyperparameters(lr, betas, eps, weight_decay, foreach, fused)
-        if stochastic_rounding and (skip_nonfinite or capturable):
-            raise ValueError("stochastic_rounding keys its random bits on the step count, which "
-                             "skip_nonfinite and capturable keep on the device: use one of them")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
-        _check_state_dtype(state_dtype)
-        if stochastic_rounding and master_weights:
-            raise ValueError("stochastic_rounding applies to bfloat16 params without master weights")
         if differentiable:
             raise RuntimeError("`fused` does not support `differentiable`")
-        backends.check_name(backend)
-        defaults = dict(lr=lr, betas=tuple(float(b) for b in betas), eps=eps,
+        defaults = dict(lr=lr, betas=betas, eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=bool(capturable), differentiable=False,
                         fused=fused,
@@ -77,10 +75,10 @@ class FusedAdam(Optimizer):
                         state_dtype=state_dtype, stochastic_rounding=bool(stochastic_rounding),
                         seed=int(seed), max_grad_norm=max_grad_norm,
                         skip_nonfinite=bool(skip_nonfinite), backend=backend)
+        _check_group(defaults)
         super().__init__(params, defaults)
         for group in self.param_groups:
-            for device, dtype, _ in {buffer_key(p) for p in group["params"]}:
-                self._check_backend(group["backend"], device, dtype)
+            _check_group(group)
         self._sync_layout()
 
     @staticmethod
@@ -89,32 +87,35 @@ class FusedAdam(Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        for group in self.param_groups:  # groups loaded from torch.optim lack our keys
-            group.setdefault("bias_correction", True)
-            group.setdefault("master_weights", False)
-            group.setdefault("state_dtype", None)
-            group.setdefault("stochastic_rounding", False)
-            group.setdefault("seed", 0)
-            group.setdefault("max_grad_norm", None)
-            group.setdefault("skip_nonfinite", False)
-            group.setdefault("backend", self.defaults.get("backend", "auto"))
-            for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None),
-                               ("capturable", False), ("differentiable", False),
-                               ("fused", None), ("decoupled_weight_decay", False)):
+        for group in self.param_groups:  # groups pickled by torch.optim lack our keys
+            for key, value in OPTIONS.items():
+                group.setdefault(key, self.defaults.get(key, value))
+            for key, value in TORCH_OPTIONS.items():
                 group.setdefault(key, value)
 
     def load_state_dict(self, state_dict):
-        """torch's load, but state tensors keep the precision they were saved with: torch casts
-        every floating state to the param's dtype, which would round an fp32 master copy or fp32
-        states of a bf16 param to bf16. The flat buffers cast to their own dtypes instead."""
+        """torch's load, with three differences. State tensors keep the precision they were saved
+        with: torch casts every floating state to the param's dtype, which would round an fp32
+        master copy or fp32 states of a bf16 param to bf16; the flat buffers cast to their own
+        dtypes instead. Our own options (max_grad_norm, master_weights, ...) missing from the
+        checkpoint (one written by torch.optim) keep this optimizer's values: a resumed run keeps
+        its clipping. And the checkpoint's states are checked against the params first (shapes,
+        exp_avg and exp_avg_sq present with a step): a bad one raises with nothing changed."""
         seen = {}
         # Appended last, this pre-hook sees the dict as the user's pre-hooks left it.
-        handle = self.register_load_state_dict_pre_hook(lambda _, d: seen.setdefault("dict", d))
+        handle = self.register_load_state_dict_pre_hook(
+            lambda _, d: seen.setdefault("dict", _checked(self.param_groups, d)))
+        kept = [{k: g[k] for k in OPTIONS} for g in self.param_groups]
         try:
             super().load_state_dict(state_dict)
         finally:
             handle.remove()
-        saved_ids = [i for g in seen["dict"]["param_groups"] for i in g["params"]]
+        saved_groups = seen["dict"]["param_groups"]
+        for group, saved, ours in zip(self.param_groups, saved_groups, kept):
+            for key in OPTIONS:
+                if key not in saved:
+                    group[key] = ours[key]
+        saved_ids = [i for g in saved_groups for i in g["params"]]
         saved = seen["dict"]["state"]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
@@ -124,15 +125,17 @@ class FusedAdam(Optimizer):
         self._sync_layout()  # copy into our buffers now: nothing aliases the loaded tensors
 
     def add_param_group(self, param_group):
+        """torch's, then this optimizer's checks and the group's buffers; a group that fails any
+        of them is not added (torch's own checks raise before it is)."""
         super().add_param_group(param_group)
-        params = self.param_groups[-1]["params"]
-        if len(set(map(id, params))) != len(params):
-            # torch.optim only warns and then updates such a param twice per step; one param
-            # cannot live in two places of a flat buffer.
-            self.param_groups.pop()
-            raise ValueError("fused_adam: a parameter group contains the same parameter twice")
-        if self._layout is not None:  # None while torch's __init__ adds the first groups
+        if self._layout is None:  # torch's __init__ adding the first groups: __init__ checks
+            return
+        try:
+            _check_group(self.param_groups[-1])
             self._sync_layout()
+        except Exception:
+            self.param_groups.pop()
+            raise
 
     def _sync_layout(self) -> None:
         """(Re)build the flat buffers of groups that are new or stale; after load_state_dict (a
@@ -170,6 +173,8 @@ class FusedAdam(Optimizer):
             self._amp = True  # a GradScaler: re-pack once with step counts on the device
         self._sync_layout()
         # Every check runs before the first update: a step that raises changes nothing.
+        for group in self.param_groups:
+            _check_step_values(group)
         updates = []  # (group, step_fn, [(buffer, prepare)])
         for group, group_buffers in zip(self.param_groups, self._layout):
             beta1, beta2 = group["betas"]
@@ -242,6 +247,81 @@ class FusedAdamW(FusedAdam):
 
 
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Our options beyond torch.optim.Adam's, with their defaults: the one place they are listed for
+# groups that lack them (an unpickled torch optimizer, a torch checkpoint).
+OPTIONS = dict(bias_correction=True, master_weights=False, state_dtype=None,
+               stochastic_rounding=False, seed=0, max_grad_norm=None, skip_nonfinite=False,
+               backend="auto")
+# torch.optim.Adam's keys that older torch versions' checkpoints may lack, with torch's defaults.
+TORCH_OPTIONS = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
+                     differentiable=False, fused=None, decoupled_weight_decay=False)
+STATE_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
+
+
+def _check_group(group: dict) -> None:
+    """Every check of a group's options (the constructor's defaults, or a group added later):
+    torch's, with its messages, then ours; for a group with params, whether its backend can step
+    each of their (device, dtype)."""
+    try:
+        _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
+                               group.get("foreach"), group.get("fused"))
+    except TypeError as exc:
+        raise TypeError(f"invalid optimizer option in a param group: {exc}") from None
+    if group.get("differentiable"):
+        raise RuntimeError("`fused` does not support `differentiable`")
+    if group["stochastic_rounding"] and (group["skip_nonfinite"] or group["capturable"]):
+        raise ValueError("stochastic_rounding keys its random bits on the step count, which "
+                         "skip_nonfinite and capturable keep on the device: use one of them")
+    max_norm = group["max_grad_norm"]
+    if max_norm is not None and not (isinstance(max_norm, (int, float)) and max_norm > 0):
+        raise ValueError(f"Invalid max_grad_norm value: {max_norm}")
+    _check_state_dtype(group["state_dtype"])
+    if group["stochastic_rounding"] and group["master_weights"]:
+        raise ValueError("stochastic_rounding applies to bfloat16 params without master weights")
+    backends.check_name(group["backend"])
+    for device, dtype, _ in {buffer_key(p) for p in group.get("params", ())}:
+        FusedAdam._check_backend(group["backend"], device, dtype)
+
+
+def _check_step_values(group: dict) -> None:
+    """The types a step computes with, checked for every group before any group steps: a value a
+    scheduler or the user set wrongly (`lr=None`) raises with nothing changed."""
+    number = (numbers.Real, torch.Tensor)
+    values = [("lr", group["lr"]), ("eps", group["eps"]), ("weight_decay", group["weight_decay"])]
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise TypeError(f"betas must be a pair of floats or tensors, got {betas!r}")
+    values += [("betas[0]", betas[0]), ("betas[1]", betas[1])]
+    for name, value in values:
+        if not isinstance(value, number) or isinstance(value, bool):
+            raise TypeError(f"param group option {name} must be a float or a tensor, got {value!r}")
+
+
+def _checked(groups: list[dict], state_dict: dict) -> dict:
+    """`state_dict`, after checking its states against the params they will load into: every
+    state tensor shaped like its param, and exp_avg and exp_avg_sq present wherever a state is.
+    Group sizes are torch's own check, which follows."""
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(groups) or any(
+            len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
+        return state_dict
+    saved_ids = [i for g in saved_groups for i in g["params"]]
+    params = [p for g in groups for p in g["params"]]
+    for n, (saved_id, p) in enumerate(zip(saved_ids, params)):
+        state = state_dict["state"].get(saved_id)
+        if not state:
+            continue
+        missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in state]
+        if missing:
+            raise ValueError(f"loaded state_dict has a state for parameter {n} without "
+                             f"{', '.join(map(repr, missing))}")
+        for key in STATE_SHAPED:
+            value = state.get(key)
+            if value is not None and (not torch.is_tensor(value) or value.shape != p.shape):
+                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                raise ValueError(f"loaded state_dict's {key!r} of parameter {n} has shape {shape}, "
+                                 f"but the parameter has shape {tuple(p.shape)}")
+    return state_dict
 
 
 def _check_state_dtype(state_dtype) -> None:
