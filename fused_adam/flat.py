@@ -10,6 +10,15 @@ and `p.grad` re-pointed to its view. `optimizer.state[p]` holds views too, in to
 States may have their own dtypes (`state_dtype`), and with `master_weights` a bf16/fp16 buffer
 keeps an fp32 master copy (`state[p]["master_param"]`) that the step updates.
 Complex params live in a real buffer as (re, im) pairs, which is what torch's Adam computes on.
+To the rest of the program each param, grad and state stays a tensor of its own: the views are
+DLPack aliases, each with a storage of its own bytes (over the buffer's memory, which the alias
+keeps alive), so safetensors and accelerate (one name per storage), pickle and torch.save (the
+whole storage) see per-param tensors, not one buffer. User code may replace any of them: a param's
+storage (`p.data = t`, `model.to()`), a grad's (`p.grad.data = t`, `p.grad.set_(t)`: Horovod), a
+state tensor or dict (`opt.state[p]["exp_avg"] = t`, `exp_avg.data = t`, `del opt.state[p]`);
+each step checks for that first and adopts the new values, as torch.optim would use them.
+Params with `requires_grad=False` and no grad get no buffer space and no state (LoRA freezes most
+of a model); one that later gets a grad re-packs its group.
 Params whose storage another engine owns are not re-pointed but copied in and out: each step
 copies the param (its local shard) and its grad into the buffer before the update and back after
 it. Those are DTensor shards (FSDP2, whose all-gather reads the shard's own storage; their states
@@ -18,11 +27,16 @@ be), params that view a larger storage not ours, and params we re-pointed whose 
 replaced since: the one who replaced it may read it. ZeroRedundancyOptimizer's
 `parameters_as_bucket_view` re-points params into its buckets after building its optimizer, then
 broadcasts the buckets; FSDP1 resets `flat_param.data` to the local shard it owns after every
-forward and backward. Either would otherwise undo our re-pointing and drop the update.
+forward and backward. Either would otherwise undo our re-pointing and drop the update. So are
+params that must not move: in shared memory (`model.share_memory()`, Hogwild: the workers step
+the shared storage), or whose storage another tensor also uses (tied params, the tensor handed to
+`nn.Embedding.from_pretrained`): moving one would untie them.
 """
 from __future__ import annotations
 
+import collections
 import functools
+import operator
 import sys
 import weakref
 from dataclasses import dataclass
@@ -37,6 +51,7 @@ STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 MASTER_KEY = "master_param"  # the fp32 master copy of a bf16/fp16 param, in optimizer.state[p]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 SPARSE_ERROR = "Adam does not support sparse gradients, please consider SparseAdam instead"
+_GRAD = operator.attrgetter("grad")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -56,14 +71,37 @@ _REPOINTED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def _is_external(p: torch.Tensor) -> bool:
-    """Whether another engine owns `p`'s storage (see the module docstring): copied in and out."""
+    """Whether `p` must stay in its own storage (see the module docstring): copied in and out."""
     if _is_dtensor(p):
         return True
     storage = p.untyped_storage()
     if storage in _OWN_STORAGES:
         return False
-    return (_REPOINTED.get(id(p)) is p
-            or storage.nbytes() > p.numel() * p.element_size())
+    return (_REPOINTED.get(id(p)) is p or p.is_shared()
+            or storage.nbytes() > p.numel() * p.element_size()
+            or torch._C._storage_Use_Count(storage._cdata) > _sole_use_count())
+
+
+@functools.cache
+def _sole_use_count() -> int:
+    """The storage use count of a tensor nobody else refers to, counted as _is_external counts
+    (the Python storage object it asks through holds a reference of its own)."""
+    t = torch.empty(1)
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+def _alias(view: torch.Tensor) -> torch.Tensor:
+    """`view` as a tensor with a storage of its own bytes (DLPack; it keeps the buffer alive)."""
+    return torch.from_dlpack(view)
+
+
+def _check_writable(p: torch.Tensor) -> None:
+    """torch.optim's in-place update of an expanded param raises this; so do we, before any
+    step (instead of silently stepping a materialized copy its base never sees)."""
+    if torch._debug_has_internal_overlap(p) == 1:
+        raise RuntimeError("unsupported operation: more than one element of the written-to "
+                           "tensor refers to a single memory location. Please clone() the tensor "
+                           "before performing the operation.")
 
 
 def buffer_key(p: torch.Tensor) -> tuple[torch.device, torch.dtype, torch.dtype]:
@@ -82,6 +120,41 @@ def _view(flat: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
         real = flat.as_strided((*like.shape, 2), (*(2 * s for s in stride), 1), offset)
         return torch.view_as_complex(real)
     return flat.as_strided(like.shape, stride, offset)
+
+
+class Watch:
+    """Set when user code changed a param's state dict (a key set or deleted, cleared): the next
+    step then compares every param's state with what the buffers hold, ~0.5 us a param that it
+    would otherwise cost every step. A dict replaced or deleted in `optimizer.state` is seen by
+    identity (~0.1 us a param)."""
+
+    def __init__(self):
+        self.dirty = True
+
+
+def _touching(method):
+    @functools.wraps(method)
+    def touch(self, *args, **kwargs):
+        self._watch.dirty = True
+        return method(self, *args, **kwargs)
+    return touch
+
+
+class WatchedDict(dict):
+    """`optimizer.state[p]`: a dict whose mutations set its Watch. state_dict() hands out plain
+    copies (a checkpoint must load with `weights_only=True`)."""
+
+    def __init__(self, watch: Watch, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._watch = watch
+
+    def __reduce__(self):
+        return type(self), (self._watch, dict(self))
+
+    for _name in ("__setitem__", "__delitem__", "clear", "pop", "popitem", "setdefault", "update",
+                  "__ior__"):
+        locals()[_name] = _touching(getattr(dict, _name))  # the class namespace
+    del _name
 
 
 @dataclass(frozen=True)
@@ -118,8 +191,8 @@ class Layout:
 class FlatBuffer:
     """The params of one group that share a device and dtype, packed with their grads and state."""
 
-    def __init__(self, params: list[torch.Tensor], layout: Layout):
-        self.params = params
+    def __init__(self, params: list[torch.Tensor], layout: Layout, watch: Watch):
+        self.params, self.watch = params, watch
         self.device, self.dtype, grad_dtype = buffer_key(params[0])
         bounds = [0]
         for p in params:
@@ -128,14 +201,13 @@ class FlatBuffer:
         self.bounds = bounds  # segment i is [bounds[i], bounds[i + 1]), padding included
         self.total = bounds[-1]
         make = lambda dtype: torch.zeros(self.total, dtype=dtype, device=self.device)  # noqa: E731
-        self.param, self.grad = make(self.dtype), make(grad_dtype)
-        _OWN_STORAGES.add(self.param.untyped_storage())
         self.state = {k: make(layout.state_dtype(k, self.dtype))
                       for k in STATE_KEYS[: 3 if layout.amsgrad else 2]}
         if any(p.is_complex() for p in params) and any(
                 s.dtype != self.dtype for s in self.state.values()):
             raise ValueError("fused_adam: complex params keep their states in their own dtype; "
                              "state_dtype does not apply to them")
+        self.param, self.grad = make(self.dtype), make(grad_dtype)
         if layout.has_master(self.dtype):
             self.state[MASTER_KEY] = make(torch.float32)
         # Stochastic rounding (when the group asks) applies to bf16 params without a master.
@@ -146,8 +218,14 @@ class FlatBuffer:
         self.steps = torch.zeros(len(params), dtype=torch.float32,
                                  device=self.device if self.device_steps else "cpu")
         self.history, self.calls = [0] * len(params), 0
-        self.views = {name: [_view(flat, off, _local(p)) for off, p in zip(bounds, params)]
+        self.step_views = list(self.steps.unbind())  # state[p]["step"]: one object per param
+        # Per param and per buffer: what the param, its grad and its state tensors are (see the
+        # module docstring), and where their data must be.
+        self.views = {name: [self._make_view(flat, i) for i in range(len(params))]
                       for name, flat in (("param", self.param), ("grad", self.grad), *self.state.items())}
+        for alias in self.views["param"]:
+            _OWN_STORAGES.add(alias.untyped_storage())
+        self.ptrs = {name: [v.data_ptr() for v in views] for name, views in self.views.items()}
         # Indices of params copied in and out around each update, never re-pointed.
         self.external = [i for i, p in enumerate(params) if _is_external(p)]
         self.external_set = set(self.external)
@@ -159,60 +237,134 @@ class FlatBuffer:
                     _REPOINTED[id(p)] = p
         self.initialized = [False] * len(params)
         self.all_initialized = not params
+        self.state_dicts: list[dict | None] = [None] * len(params)  # the dicts we filled
+        self.unwatched: set[int] = set()  # params whose state dict is a plain dict: checked always
+        self.dtensor_states: dict[tuple[str, int], torch.Tensor] = {}
+
+    def _make_view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        view = _view(flat, self.bounds[i], _local(self.params[i]))
+        return view if i in getattr(self, "external_set", ()) else _alias(view)
 
     def adopt_state(self, state) -> None:
-        """Make `state[p]` (whatever tensors it holds now) views of this buffer, values kept."""
+        """Make `state[p]` (whatever tensors it holds now) views of this buffer, values kept; the
+        dicts (a load's, torch's plain ones) become WatchedDicts."""
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 s = state.get(p)
-                self.initialized[i] = bool(s)
-                step = float(s["step"]) if s else 0.0  # loading may read values
-                self.steps[i] = step
-                self.history[i] = hash(step)
-                for key, views in self.views.items():
-                    if key == "param" or key == "grad":
-                        continue
-                    if s and key in s:
-                        if _local(s[key]).data_ptr() != views[i].data_ptr():
-                            views[i].copy_(_local(s[key]))
-                    elif key == MASTER_KEY:
-                        views[i].copy_(self.views["param"][i])
-                    else:
-                        views[i].zero_()
-                    if s:
-                        s[key] = self._state_view(key, i)
-                if s:
-                    s["step"] = self.steps[i]
+                if s is not None and type(s) is not WatchedDict:
+                    state[p] = WatchedDict(self.watch, s)
+                self._adopt(i, state)
         self.all_initialized = all(self.initialized)
+
+    def _adopt(self, i: int, state) -> None:
+        """Param i's state as `state[p]` holds it now (after a load, or user code replaced or
+        deleted it): its values copied into this buffer, the dict's tensors made our views again;
+        an empty or missing state starts afresh, as torch's does."""
+        p = self.params[i]
+        s = state.get(p)
+        self.initialized[i] = bool(s)
+        step = float(s["step"]) if s else 0.0  # loading may read values
+        self.steps[i] = step
+        self.history[i] = hash(step)
+        for key, views in self.views.items():
+            if key == "param" or key == "grad":
+                continue
+            view = views[i]
+            if view.data_ptr() != self.ptrs[key][i]:  # `view.data = t`: t's values, our memory
+                fresh = self._make_view(self.state[key], i)
+                fresh.copy_(view)
+                view.data = fresh
+            if s and key in s:
+                value = _local(s[key])
+                if value is not view:
+                    view.copy_(value)
+            elif key == MASTER_KEY:
+                view.copy_(self.views["param"][i])
+            else:
+                view.zero_()
+            if s:
+                s[key] = self._state_view(key, i)
+        if s:
+            s["step"] = self.step_views[i]
+        self.state_dicts[i] = s if s else None
+        if s and type(s) is not WatchedDict:  # assigned by user code: its object stays the state
+            self.unwatched.add(i)
+        else:
+            self.unwatched.discard(i)
 
     def _init_state(self, i: int, state) -> None:
         # Segments of params never stepped are all zeros (adopt_state, or fresh from __init__),
         # but for the master copy, which adopt_state filled from the param.
-        s = state[self.params[i]]
-        s["step"] = self.steps[i]
+        p = self.params[i]
+        s = state.get(p)
+        if s is None or (type(s) is not WatchedDict and not torch.compiler.is_compiling()):
+            # (dynamo traces plain dicts only: a compiled step's states stay plain, unchecked)
+            s = state[p] = {} if torch.compiler.is_compiling() else WatchedDict(self.watch, s or {})
+        s["step"] = self.step_views[i]
         for key in self.state:
             s[key] = self._state_view(key, i)
         self.initialized[i] = True
+        self.state_dicts[i] = s
 
     def _state_view(self, key: str, i: int) -> torch.Tensor:
-        """state[p][key]: the buffer's view, as a DTensor laid out like p when p is one."""
+        """state[p][key]: the buffer's view, as a DTensor laid out like p when p is one (made
+        once: the step checks the state holds these very objects)."""
         view, p = self.views[key][i], self.params[i]
         if not _is_dtensor(p):
             return view
-        return type(p).from_local(view, p.device_mesh, p.placements, run_check=False,
-                                  shape=p.shape, stride=p.stride())
+        made = self.dtensor_states.get((key, i))
+        if made is None or made._local_tensor is not view:
+            made = self.dtensor_states[key, i] = type(p).from_local(
+                view, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+        return made
+
+    def _stale_states(self, state) -> list[int]:
+        """Params whose state user code replaced, deleted or re-pointed since the last step (or
+        that have a state we did not make): they are adopted before the update. Raises, before
+        anything changes, where torch's step would (a state missing exp_avg)."""
+        if torch.compiler.is_compiling():  # a compiled step trusts the state it was traced with
+            return []
+        # `exp_avg.data = t` re-points our tensor: its address tells, at ~40 ns a tensor.
+        stale = set()
+        for key in self.state:
+            now = list(map(torch.Tensor.data_ptr, self.views[key]))
+            if now != self.ptrs[key]:
+                stale.update(i for i, (a, b) in enumerate(zip(now, self.ptrs[key])) if a != b)
+        if not (self.watch.dirty or self.unwatched):
+            return sorted(stale)
+        # (the optimizer sets the watch too when a dict was replaced or deleted in its state)
+        dicts = dict(zip(stale, map(state.get, (self.params[i] for i in stale))))
+        for i in range(len(self.params)) if self.watch.dirty else self.unwatched:
+            s = dicts[i] = state.get(self.params[i])
+            if s is not self.state_dicts[i] or (s is not None and (
+                    s.get("step") is not self.step_views[i] or any(
+                        s.get(key) is not self._state_view(key, i) for key in self.state))):
+                stale.add(i)
+        for i in stale:
+            missing = {"step", "exp_avg", "exp_avg_sq"} - set(dicts[i] or ())
+            if dicts[i] and missing:  # torch's step: KeyError
+                raise KeyError(f"the optimizer state of a parameter lacks {sorted(missing)}")
+        return sorted(stale)
 
     def _classify_grads(self):
         """(active indices or None for all, grads to copy in as (index, grad)); raises on a sparse
         grad before anything is modified."""
-        grads = [p.grad for p in self.params]
+        # By identity, and (eager) by address: p.grad keeps the object we assigned (autograd
+        # accumulates into it), but `p.grad.data = t` or `p.grad.set_(t)` (Horovod) re-points
+        # that object. torch.compile traces `is`, not data_ptr, attrgetter or map over `is_`.
+        views, compiling = self.views["grad"], torch.compiler.is_compiling()
+        grads = [p.grad for p in self.params] if compiling else list(map(_GRAD, self.params))
         if self.external:
             grads = [None if g is None else _local(g) for g in grads]
-        # By identity, not data_ptr: p.grad keeps the object we assigned (autograd accumulates
-        # into it), and torch.compile can trace `is` but not a data_ptr comparison.
-        views = self.views["grad"]
-        if all(g is v for g, v in zip(grads, views)):
+        if compiling:
+            if all(g is v for g, v in zip(grads, views)):
+                return None, []
+        elif all(map(operator.is_, grads, views)) and list(
+                map(torch.Tensor.data_ptr, grads)) == self.ptrs["grad"]:
             return None, []  # every grad is our view: the fast path
+        moved = () if compiling else {
+            i for i, (g, v, ptr) in enumerate(zip(grads, views, self.ptrs["grad"]))
+            if g is v and g.data_ptr() != ptr}
         active, foreign = [], []
         for i, g in enumerate(grads):
             if g is None:
@@ -220,27 +372,45 @@ class FlatBuffer:
             if g.layout != torch.strided:
                 raise RuntimeError(SPARSE_ERROR)
             active.append(i)
-            if g is not views[i]:
+            if g is not views[i] or i in moved:
                 foreign.append((i, g))
         return (None if len(active) == len(grads) else active), foreign
 
     def plan(self, state):
-        """Check this buffer's grads; return None when no param has a grad, else a callable that
-        prepares the step (grads copied in, state created) and returns the active segments for
-        `launch` (None: all). Nothing is modified until it runs, so a step that raises here
-        leaves every param and state as it was."""
+        """Check this buffer's grads and states; return None when no param has a grad, else a
+        callable that prepares the step (states adopted, grads copied in, state created) and
+        returns the active segments for `launch` (None: all). Nothing is modified until it runs,
+        so a step that raises here leaves every param and state as it was."""
         active, foreign = self._classify_grads()
+        stale = self._stale_states(state)
         if active == []:
-            return None
-        return functools.partial(self._prepare, state, active, foreign)
+            return functools.partial(self._adopt_stale, state, stale) if stale else None
+        return functools.partial(self._prepare, state, active, foreign, stale)
 
-    def _prepare(self, state, active, foreign):
+    def _adopt_stale(self, state, stale) -> list[int]:
+        with torch.no_grad():
+            for i in stale:
+                self._adopt(i, state)
+        self.all_initialized = all(self.initialized)
+        return []  # no segment steps (when called from plan: no param has a grad)
+
+    def _prepare(self, state, active, foreign, stale):
+        if stale:
+            self._adopt_stale(state, stale)
         if foreign:
-            views = [self.views["grad"][i] for i, _ in foreign]
-            torch._foreach_copy_(views, [g for _, g in foreign])
-            for (i, _), view in zip(foreign, views):
-                if i not in self.external_set:
-                    self.params[i].grad = view
+            views = self.views["grad"]
+            # Our grad object re-pointed elsewhere (`p.grad.data = t`): copied into a new alias
+            # of its segment, which the object then points to again.
+            targets = [_alias(_view(self.grad, self.bounds[i], _local(self.params[i])))
+                       if g is views[i] else views[i] for i, g in foreign]
+            torch._foreach_copy_(targets, [g for _, g in foreign])
+            for (i, g), target in zip(foreign, targets):
+                if i in self.external_set:
+                    continue
+                if g is views[i]:
+                    g.data = target
+                else:
+                    self.params[i].grad = target
         if self.external:  # the shard may have been written since (a checkpoint load)
             torch._foreach_copy_([self.views["param"][i] for i in self.external],
                                  [_local(self.params[i]) for i in self.external])
@@ -250,10 +420,11 @@ class FlatBuffer:
                     self._init_state(i, state)
             self.all_initialized = all(self.initialized)
         return active
-
     def launch(self, active, step_fn, clip_coef=None, found_inf=None) -> None:
         """Count the step, then one `step_fn` call per run (see _runs). With `found_inf` (a
         device scalar, nonzero to skip) the step counts only where it is zero, on the device."""
+        if active == []:  # only states were adopted
+            return
         self._count_step(active, found_inf)
         m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
         vmax, master = self.state.get("max_exp_avg_sq"), self.state.get(MASTER_KEY)
@@ -330,28 +501,36 @@ class FlatBuffer:
 class GroupBuffers:
     """The flat buffers of one param group, and the check that they still hold its params."""
 
-    def __init__(self, params: list[torch.Tensor], layout: Layout, state):
+    def __init__(self, params: list[torch.Tensor], layout: Layout, state, watch: Watch):
         by_key: dict[tuple, list[torch.Tensor]] = {}
         # A param listed twice (torch warns, then updates it twice a step) is stepped once.
-        for p in {id(p): p for p in params}.values():
+        unique = list({id(p): p for p in params}.values())
+        # Frozen params (no grad now, none to come) get no buffer space: torch gives them no
+        # state. One that gets a grad later re-packs the group (is_current).
+        self.frozen = [p for p in unique if not (p.requires_grad or p.grad is not None)]
+        packed = [p for p in unique if p.requires_grad or p.grad is not None]
+        for p in packed:
+            _check_writable(p)
             by_key.setdefault(buffer_key(p), []).append(p)
-        self.buffers = [FlatBuffer(ps, layout) for ps in by_key.values()]
+        self.buffers = [FlatBuffer(ps, layout, watch) for ps in by_key.values()]
         for buf in self.buffers:
             buf.adopt_state(state)
         self.layout = layout
         self.ids = [id(p) for p in params]
+        self.packed = packed
         self.local = functools.partial(map, _local) if any(b.external for b in self.buffers) else iter
-        self.ptrs = [p.data_ptr() for p in self.local(params)]
+        self.ptrs = list(map(torch.Tensor.data_ptr, self.local(packed)))
 
     def is_current(self, params: list[torch.Tensor], layout: Layout) -> bool:
-        """False when the group's params or options changed or a param's storage was replaced
-        (`model.half()`, `model.to(...)`, `p.data = ...`): the buffers would then update a stale
-        copy."""
+        """False when the group's params or options changed, a frozen param got a grad, or a
+        param's storage was replaced (`model.half()`, `model.to(...)`, `p.data = ...`): the
+        buffers would then update a stale copy."""
         # torch.compile cannot trace data_ptr comparisons: a compiled step trusts the storage
         # (replacing it under a compiled step is not supported; the eager step re-packs).
         return (layout == self.layout and list(map(id, params)) == self.ids
+                and not any(p.requires_grad or p.grad is not None for p in self.frozen)
                 and (torch.compiler.is_compiling()
-                     or [p.data_ptr() for p in self.local(params)] == self.ptrs))
+                     or list(map(torch.Tensor.data_ptr, self.local(self.packed))) == self.ptrs))
 
 
 def clip_coefficient(prepared, max_norm: float, grad_scale=None) -> torch.Tensor | None:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import functools
 import numbers
+import operator
 
 import torch
 from torch.optim import Optimizer
 
 from . import backends
-from .flat import GroupBuffers, Layout, buffer_key, clip_coefficient, nonfinite
+from .flat import GroupBuffers, Layout, Watch, buffer_key, clip_coefficient, nonfinite
 from .functional import adam_step_
 
 
@@ -45,6 +46,13 @@ class FusedAdam(Optimizer):
     _layout: list[GroupBuffers] | None = None
     _layout_state = None
     _amp = False
+
+    @property
+    def _watch(self) -> Watch:
+        """Set by user code's changes to a param's state dict (flat.WatchedDict)."""
+        if "_watch_flag" not in self.__dict__:
+            self.__dict__["_watch_flag"] = Watch()
+        return self.__dict__["_watch_flag"]
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -92,6 +100,13 @@ class FusedAdam(Optimizer):
                 group.setdefault(key, self.defaults.get(key, value))
             for key, value in TORCH_OPTIONS.items():
                 group.setdefault(key, value)
+
+    def state_dict(self):
+        """torch's, with each param's state a plain dict (ours are WatchedDicts), so that a
+        checkpoint loads with `torch.load(weights_only=True)` anywhere."""
+        state_dict = super().state_dict()
+        state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
+        return state_dict
 
     def load_state_dict(self, state_dict):
         """torch's load, with three differences. State tensors keep the precision they were saved
@@ -147,7 +162,7 @@ class FusedAdam(Optimizer):
         for i, group in enumerate(self.param_groups):
             options = Layout.of(group, self._amp)
             if i == len(layout) or not layout[i].is_current(group["params"], options):
-                buffers = GroupBuffers(group["params"], options, self.state)
+                buffers = GroupBuffers(group["params"], options, self.state, self._watch)
                 layout[i:i + 1] = [buffers]
 
     def _layout_is_current(self) -> bool:
@@ -175,6 +190,12 @@ class FusedAdam(Optimizer):
         # Every check runs before the first update: a step that raises changes nothing.
         for group in self.param_groups:
             _check_step_values(group)
+        # A state dict replaced or deleted (`del opt.state[p]`, `opt.state.clear()`): the dicts
+        # in order are no longer the ones the last step left (identity, ~25 ns a param).
+        values = self.__dict__.get("_state_values", ())
+        if not torch.compiler.is_compiling() and (len(self.state) != len(values) or not all(
+                map(operator.is_, self.state.values(), values))):
+            self._watch.dirty = True
         updates = []  # (group, step_fn, [(buffer, prepare)])
         for group, group_buffers in zip(self.param_groups, self._layout):
             beta1, beta2 = group["betas"]
@@ -193,6 +214,9 @@ class FusedAdam(Optimizer):
                     todo.append((buf, prepare))
             updates.append((group, step_fn, todo))
         prepared = [[(buf, prepare()) for buf, prepare in todo] for _, _, todo in updates]
+        if not torch.compiler.is_compiling():  # every buffer has compared and adopted
+            self._watch.dirty = False
+            self.__dict__["_state_values"] = list(self.state.values())
         # GradScaler sets grad_scale (None once unscaled) and found_inf for this call when
         # _step_supports_amp_scaling; skip_nonfinite looks at every grad of the step itself.
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)

@@ -43,25 +43,33 @@ def test_training_loop_matches_torch(device, backend, zero_grad):
         assert_close(a, b, backend, k, "training loop")
 
 
-def test_params_and_grads_are_views_of_one_buffer():
+def _own_storage(t):
+    """t's storage holds just t's bytes (what safetensors, pickle and torch.save see)."""
+    return t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_params_grads_and_states_are_tensors_of_their_own_over_one_buffer():
     model = _model("cpu")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = FusedAdamW(model.parameters())
     params = list(model.parameters())
-    base = params[0].untyped_storage().data_ptr()
-    assert all(p.untyped_storage().data_ptr() == base for p in params)
-    assert all((p.data_ptr() - base) % (ALIGN * 4) == 0 for p in params)
     for k, v in model.state_dict().items():  # the model is unchanged
         assert torch.equal(v, before[k]), k
     _train(model, opt, 1, ZERO_GRADS["opt.zero_grad()"])
+    # the kernel steps one buffer: consecutive, aligned segments of one allocation
+    for tensors in ([p.detach() for p in params], [p.grad for p in params],
+                    [opt.state[p]["exp_avg"] for p in params]):
+        assert all(map(_own_storage, tensors))
+        ptrs = [t.data_ptr() for t in tensors]
+        sizes = [-(-t.numel() // ALIGN) * ALIGN * t.element_size() for t in tensors]
+        assert all(b - a == size for a, b, size in zip(ptrs, ptrs[1:], sizes))
+        assert all(ptr % (ALIGN * 4) == ptrs[0] % (ALIGN * 4) for ptr in ptrs)
+    # after zero_grad(set_to_none=False) autograd accumulates straight into the grads
     grads = [p.grad for p in params]
-    gbase = grads[0].untyped_storage().data_ptr()
-    assert all(g.untyped_storage().data_ptr() == gbase for g in grads)
-    # after zero_grad(set_to_none=False) autograd accumulates straight into the views
     opt.zero_grad(set_to_none=False)
-    assert all(p.grad is not None and not p.grad.any() for p in params)
+    assert all(p.grad is g and not g.any() for p, g in zip(params, grads))
     model(torch.randn(4, 7)).sum().backward()
-    assert all(p.grad.untyped_storage().data_ptr() == gbase for p in params)
+    assert all(p.grad is g and g.any() for p, g in zip(params, grads))
 
 
 def test_zero_grad_set_to_none_gives_none():

@@ -142,3 +142,170 @@ def test_the_grad_scaler_protocol_is_advertised_only_with_skip_nonfinite():
     scaler.step(opt)  # an overflow: the scaler skips step(), which is how accelerate sees it
     scaler.update()
     assert calls == [] and scaler.get_scale() == 512.0
+
+
+# ---- user code around params, grads and state: the same edits on torch.optim.AdamW ----------
+
+def _both(edit, steps_before=2, steps_after=3, **kwargs):
+    """Run ours (`backend="torch"`: bit-comparable) and torch for a few steps, apply `edit(opt,
+    params)` to each, step on, compare params and every state."""
+    params, ref_params, ours, ref = _pair(**kwargs)
+    _steps(params, ref_params, ours, ref, steps=steps_before)
+    edit(ours, params)
+    edit(ref, ref_params)
+    _steps(params, ref_params, ours, ref, steps=steps_after, start=steps_before)
+    assert_optimizers_match(ours, ref, "torch")
+    return params, ours
+
+
+@pytest.mark.parametrize("how", ["data", "set_"])
+def test_a_grad_re_pointed_after_zero_grad_is_used(how):
+    """Horovod's synchronize and hand-written all-reduces re-point p.grad: `p.grad.data = t`,
+    `p.grad.set_(t)`."""
+    params, ref_params, ours, ref = _pair()
+    _steps(params, ref_params, ours, ref, steps=1)  # grads exist: zero_grad keeps them
+    for step in range(1, 5):
+        for opt, ps in ((ours, params), (ref, ref_params)):
+            opt.zero_grad(set_to_none=False)
+            gen = torch.Generator().manual_seed(step)
+            for p in ps:
+                reduced = torch.randn(p.shape, generator=gen)
+                if how == "data":
+                    p.grad.data = reduced
+                else:
+                    p.grad.set_(reduced)
+        ours.step()
+        ref.step()
+    assert_optimizers_match(ours, ref, "torch")
+
+
+@pytest.mark.parametrize("edit", ["del state[p]", "state[p].clear()", "state.clear()",
+                                  "state[p][exp_avg] = t", "exp_avg.data = t",
+                                  "state[p][step] = tensor", "state[p] = dict", "exp_avg.zero_()"])
+def test_state_edits_count_as_in_torch(edit):
+    def apply(opt, params):
+        p = params[0]
+        s = opt.state[p]
+        if edit == "del state[p]":
+            del opt.state[p]
+        elif edit == "state[p].clear()":
+            s.clear()
+        elif edit == "state.clear()":
+            opt.state.clear()
+        elif edit == "state[p][exp_avg] = t":
+            s["exp_avg"] = torch.full_like(s["exp_avg"], 0.25)
+        elif edit == "exp_avg.data = t":
+            s["exp_avg"].data = torch.full_like(s["exp_avg"], 0.5)
+        elif edit == "state[p][step] = tensor":
+            s["step"] = torch.tensor(0.0)
+        elif edit == "state[p] = dict":
+            opt.state[p] = {k: v.clone() * 2 if k != "step" else v.clone() for k, v in s.items()}
+        else:
+            s["exp_avg"].zero_()
+    params, ours = _both(apply)
+    saved = ours.state_dict()["state"]
+    assert len(saved) == len(params)  # nothing vanished from the checkpoint
+    assert torch.equal(saved[0]["exp_avg"], ours.state[params[0]]["exp_avg"])
+
+
+def test_a_state_edit_between_steps_without_grads_is_kept():
+    params, ref_params, ours, ref = _pair()
+    _steps(params, ref_params, ours, ref, steps=2)
+    for opt, ps in ((ours, params), (ref, ref_params)):
+        opt.state[ps[1]]["exp_avg_sq"] = torch.full_like(ps[1], 0.01)
+        opt.zero_grad()
+        opt.step()  # no grads: nothing steps, the edit stays
+    assert_optimizers_match(ours, ref, "torch")
+
+
+def test_frozen_params_get_no_buffer_and_no_state_until_they_have_a_grad():
+    big = torch.nn.Parameter(torch.randn(256, 256), requires_grad=False)
+    small = torch.nn.Parameter(torch.randn(8))
+    ref_big, ref_small = (torch.nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
+                          for t in (big, small))
+    ours = FusedAdamW([big, small], lr=1e-2, backend="torch")
+    ref = torch.optim.AdamW([ref_big, ref_small], lr=1e-2, foreach=False)
+    buffers = [b for gb in ours._layout for b in gb.buffers]
+    assert sum(b.total for b in buffers) == 16  # the small param's segment only
+    for step in range(4):
+        if step == 2:  # unfrozen: from here it steps, as in torch
+            big.requires_grad_(True)
+            ref_big.requires_grad_(True)
+        for opt, ps in ((ours, [big, small]), (ref, [ref_big, ref_small])):
+            gen = torch.Generator().manual_seed(step)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen) if p.requires_grad else None
+            opt.step()
+        assert (big in ours.state) == (ref_big in ref.state)
+    assert_optimizers_match(ours, ref, "torch")
+
+
+def test_an_expanded_param_raises_torchs_error():
+    p = torch.nn.Parameter(torch.randn(1, 4).expand(3, 4))
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        FusedAdamW([p])
+
+
+def test_params_that_share_storage_stay_tied():
+    a = torch.nn.Parameter(torch.randn(3, 4))
+    b = torch.nn.Parameter(a.data[0])
+    pretrained = torch.randn(5, 4)
+    emb = torch.nn.Embedding.from_pretrained(pretrained, freeze=False)
+    opt = FusedAdamW([a, b, emb.weight], lr=1e-2)
+    for step in range(3):
+        gen = torch.Generator().manual_seed(step)
+        for p in (a, b, emb.weight):
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    assert b.data_ptr() == a.data_ptr() and torch.equal(b, a[0])
+    assert emb.weight.data_ptr() == pretrained.data_ptr()
+    assert not torch.equal(pretrained, torch.zeros(5, 4)) and torch.equal(emb.weight, pretrained)
+
+
+def _hogwild_worker(model, seed):
+    torch.manual_seed(seed)
+    opt = FusedAdamW(model.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).square().mean().backward()
+        opt.step()
+
+
+def test_hogwild_workers_step_the_shared_model():
+    """torch's Hogwild example: model.share_memory(), one optimizer per worker process."""
+    import torch.multiprocessing as mp
+    model = torch.nn.Linear(4, 2)
+    model.share_memory()
+    before = [p.detach().clone() for p in model.parameters()]
+    ctx = mp.get_context("spawn")
+    workers = [ctx.Process(target=_hogwild_worker, args=(model, seed)) for seed in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+        assert w.exitcode == 0
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_each_param_is_saved_as_its_own_tensor(tmp_path):
+    """safetensors (accelerate's default) keeps one name per storage, pickle and torch.save write
+    whole storages: with one shared buffer they dropped weights or wrote the whole buffer."""
+    import pickle
+    safetensors = pytest.importorskip("safetensors.torch")
+    model = torch.nn.Sequential(*(torch.nn.Linear(64, 64) for _ in range(8)))
+    opt = FusedAdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(2, 64)).sum().backward()
+    opt.step()
+    sd = model.state_dict()
+    safetensors.save_file(sd, tmp_path / "m.safetensors")
+    safetensors.save_model(model, tmp_path / "m2.safetensors")
+    loaded = safetensors.load_file(tmp_path / "m.safetensors")
+    assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], v) for k, v in sd.items())
+    n_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert len(pickle.dumps(model)) < 1.2 * n_bytes + 20_000
+    torch.save(model[0].weight, tmp_path / "w.pt")
+    assert (tmp_path / "w.pt").stat().st_size < 64 * 64 * 4 + 2_000
+    opt_state = opt.state_dict()
+    torch.save(opt_state, tmp_path / "opt.pt")
+    again = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert all(type(s) is dict for s in again["state"].values())
