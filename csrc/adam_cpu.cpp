@@ -51,6 +51,13 @@ FA_CPU_CLONES void from_fp32(const float* __restrict src, T* __restrict dst, int
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);  // round to nearest even
 }
 
+template <typename T>
+FA_CPU_CLONES void adopt_written(float* __restrict master, const T* __restrict param, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    master[i] = master_or_written(master[i], static_cast<float>(static_cast<T>(master[i])),
+                                  static_cast<float>(param[i]));
+}
+
 FA_CPU_CLONES void store_bf16_stochastic(const float* __restrict src, c10::BFloat16* __restrict dst,
                                          int64_t n, uint32_t key, int64_t index0) {
   for (int64_t i = 0; i < n; ++i)
@@ -139,6 +146,12 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
         float* vf = v.fp32(lo, vb);
         float* xf = ams() ? vmax.fp32(lo, xb) : nullptr;
         p.load(lo, len, pb);
+        if (param_out.data) {  // the master, unless user code wrote the param (adam_math.h)
+          with_float_type(param_out.dtype, [&](auto tag) {
+            using T = std::decay_t<decltype(tag)>;
+            adopt_written(pf, static_cast<const T*>(param_out.data) + lo, len);
+          });
+        }
         g.load(lo, len, gb);
         m.load(lo, len, mb);
         v.load(lo, len, vb);

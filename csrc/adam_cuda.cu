@@ -35,6 +35,15 @@ __device__ __forceinline__ void from_float(float x, unsigned short& out) {
   out = static_cast<unsigned short>(x);  // a bf16 bit pattern carried exactly in fp32
 }
 
+// x rounded to `t` (as a store rounds it) and back: exact in fp32.
+__device__ __forceinline__ float rounded_to(float x, DType t) {
+  switch (t) {
+    case DType::kFloat16: return __half2float(__float2half_rn(x));
+    case DType::kBFloat16: return __bfloat162float(__float2bfloat16_rn(x));
+    default: return x;
+  }
+}
+
 // `vec`: every pointer is Pack-aligned (the launcher checks), so whole packs move as vector
 // accesses; the buffer's ragged end and misaligned buffers take the element loop.
 template <typename T, int N>
@@ -115,6 +124,13 @@ __global__ void __launch_bounds__(kThreads)
   const Operand p = o.master.data ? o.master : o.param;
   float pf[N], gf[N], mf[N], vf[N], xf[N];
   load(p, base, n, vec, pf);
+  if (o.master.data) {
+    float written[N];
+    load(o.param, base, n, vec, written);
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      pf[i] = master_or_written(pf[i], rounded_to(pf[i], o.param.dtype), written[i]);
+  }
   load(o.grad, base, n, vec, gf);
   if (o.clip_coef) {  // computed on the device: no host sync; g * coef, then adam_update's sign
     const float coef = *o.clip_coef;

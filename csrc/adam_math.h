@@ -41,6 +41,14 @@ struct AdamScalars {
   float eps;
 };
 
+// With a master copy the step reads the master, unless user code wrote the param since the last
+// step (model.load_state_dict, p.clamp_, an EMA swap): the param then no longer equals the
+// master's rounding (`master_rounded`, to the param's dtype, nearest even, as the step stores
+// it), and that write wins, as it would with torch.optim. 2 more bytes read per param.
+FA_HD float master_or_written(float master, float master_rounded, float param) {
+  return master_rounded == param ? master : param;
+}
+
 // Compile-time modes: with them as template arguments the CPU loop vectorizes (GCC 12 leaves
 // a loop with run-time branches around FMAs scalar: 3.5x slower, measured).
 enum class WeightDecay : int { kNone, kL2, kDecoupled };

@@ -184,3 +184,40 @@ def test_grad_scaler_on_a_default_optimizer():
     assert float(opt.state[model.weight]["step"]) == 3.0 and float(opt.skipped_steps) == 0.0
     for a, b in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("write", ["copy_", "clamp_", "load_state_dict"])
+def test_a_write_to_the_param_wins_over_the_master(device, backend, write):
+    """model.load_state_dict, weight clipping, an EMA swap: the step continues from the written
+    param (as torch.optim would), not from the stale master."""
+    skip_if_interpreted_bf16(device, backend, [BF16])
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 8).to(device, BF16)
+    ref = torch.nn.Linear(16, 8).to(device)
+    ref.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    opt = FusedAdamW(model.parameters(), lr=LR, master_weights=True, backend=backend)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR, foreach=False)
+    target = {k: torch.randn_like(v) for k, v in model.state_dict().items()}  # bf16 values
+    for step in range(5):
+        if step == 2:
+            with torch.no_grad():
+                for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+                    if write == "copy_":
+                        p.copy_(target[name])
+                    elif write == "clamp_":  # bounds exact in bf16
+                        p.clamp_(-2**-4, 2**-4)
+                        q.clamp_(-2**-4, 2**-4)
+                    if write == "copy_":
+                        q.copy_(p.float())
+            if write == "load_state_dict":
+                model.load_state_dict(target)
+                ref.load_state_dict({k: v.float() for k, v in target.items()})
+        gen = torch.Generator().manual_seed(step)
+        for p, q in zip(model.parameters(), ref.parameters()):
+            g = torch.randn(p.shape, generator=gen).to(device)
+            p.grad, q.grad = g.to(BF16), g.to(BF16).float()
+        opt.step()
+        ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(opt.state[p]["master_param"], q.detach(), rtol=1e-5, atol=1e-6)

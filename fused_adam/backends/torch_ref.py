@@ -57,6 +57,8 @@ def _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, sr_key, in
     tensors = [param, grad, exp_avg, exp_avg_sq] + ([] if max_exp_avg_sq is None else [max_exp_avg_sq])
     if master is None and len({t.dtype for t in tensors}) == 1 and param.dtype in (torch.float32, torch.float64):
         return _adam_ops(*tensors[:4], max_exp_avg_sq, **scalars)
+    if master is not None:  # user code wrote the param since: that write wins (csrc/adam_math.h)
+        torch.where(master.to(param.dtype) == param, master, param.to(torch.float32), out=master)
     # fp32 working copies (slot 0 is _adam_ops' own temporary); the master copy is the param.
     work = [master if master is not None and i == 0 else
             t if t.dtype == torch.float32 else _scratch(t, i + 1, torch.float32).copy_(t)

@@ -81,9 +81,12 @@ def _step_elements(offs, mask, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, deca
                    DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
                    STOCHASTIC: tl.constexpr, CLIP: tl.constexpr):
     """Load, step and store the elements `offs` where `mask`."""
-    # With a master copy (w, fp32) the math updates the master; the param is its rounded image.
+    # With a master copy (w, fp32) the math updates the master; the param is its rounded image,
+    # unless user code wrote the param since: that write wins (csrc/adam_math.h).
     if MASTER:
         p = tl.load(w_ptr + offs, mask=mask)
+        written = tl.load(p_ptr + offs, mask=mask)
+        p = tl.where(p.to(written.dtype) == written, p, written.to(tl.float32))
     else:
         p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
