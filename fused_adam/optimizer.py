@@ -310,14 +310,14 @@ def _check_group(group: dict) -> None:
 def _check_step_values(group: dict) -> None:
     """The types a step computes with, checked for every group before any group steps: a value a
     scheduler or the user set wrongly (`lr=None`) raises with nothing changed."""
-    number = (numbers.Real, torch.Tensor)
-    values = [("lr", group["lr"]), ("eps", group["eps"]), ("weight_decay", group["weight_decay"])]
     betas = group["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+    if not (type(betas) in (tuple, list) and len(betas) == 2):
         raise TypeError(f"betas must be a pair of floats or tensors, got {betas!r}")
-    values += [("betas[0]", betas[0]), ("betas[1]", betas[1])]
-    for name, value in values:
-        if not isinstance(value, number) or isinstance(value, bool):
+    values = (group["lr"], group["eps"], group["weight_decay"], *betas)
+    if all(type(v) is float for v in values):  # the usual case, ~0.3 us (the ABC check: ~5 us)
+        return
+    for name, value in zip(("lr", "eps", "weight_decay", "betas[0]", "betas[1]"), values):
+        if not isinstance(value, (numbers.Real, torch.Tensor)) or isinstance(value, bool):
             raise TypeError(f"param group option {name} must be a float or a tensor, got {value!r}")
 
 

@@ -82,7 +82,8 @@ def available(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
 def resolve(name: str, device: torch.device, dtype: torch.dtype):
     """The step function of backend `name` for `dtype` buffers on `device`; `auto` honours
     FUSED_ADAM_BACKEND."""
-    key = (name, device, dtype, os.environ.get("FUSED_ADAM_BACKEND"))
+    # (the environment is read for `auto` only: ~1 us a call, once per buffer and step)
+    key = (name, device, dtype, os.environ.get("FUSED_ADAM_BACKEND") if name == "auto" else None)
     fn = _resolved.get(key)
     if fn is None:
         fn = _resolved[key] = _resolve(name, device, dtype)
