@@ -52,6 +52,11 @@ MASTER_KEY = "master_param"  # the fp32 master copy of a bf16/fp16 param, in opt
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 SPARSE_ERROR = "Adam does not support sparse gradients, please consider SparseAdam instead"
 _GRAD = operator.attrgetter("grad")
+# Params of 4M elements (16 MB in fp32) and more are stepped in their own storage, not copied into
+# a buffer: no second copy at construction (a 1 GiB param cost 1 GiB more), and autograd's grad
+# is read in place (with zero_grad() setting grads to None, a step held 5 GiB for a 1 GiB model
+# where torch holds 4). A launch each costs ~10 us of host time against milliseconds of work.
+SOLO_NUMEL = 1 << 22
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -191,13 +196,16 @@ class Layout:
 class FlatBuffer:
     """The params of one group that share a device and dtype, packed with their grads and state."""
 
-    def __init__(self, params: list[torch.Tensor], layout: Layout, watch: Watch):
+    def __init__(self, params: list[torch.Tensor], layout: Layout, watch: Watch, solo=False):
         self.params, self.watch = params, watch
-        self.device, self.dtype, grad_dtype = buffer_key(params[0])
+        self.device, self.dtype, self.grad_dtype = buffer_key(params[0])
+        # solo: one large param stepped in its own storage (GroupBuffers' SOLO_NUMEL), its grad
+        # read where autograd put it: no copy of either, as torch.optim holds them.
+        self.solo = solo
         bounds = [0]
         for p in params:
             size = _local(p).numel() * (2 if p.is_complex() else 1)
-            bounds.append(bounds[-1] + -(-size // ALIGN) * ALIGN)
+            bounds.append(bounds[-1] + (size if solo else -(-size // ALIGN) * ALIGN))
         self.bounds = bounds  # segment i is [bounds[i], bounds[i + 1]), padding included
         self.total = bounds[-1]
         make = lambda dtype: torch.zeros(self.total, dtype=dtype, device=self.device)  # noqa: E731
@@ -207,7 +215,11 @@ class FlatBuffer:
                 s.dtype != self.dtype for s in self.state.values()):
             raise ValueError("fused_adam: complex params keep their states in their own dtype; "
                              "state_dtype does not apply to them")
-        self.param, self.grad = make(self.dtype), make(grad_dtype)
+        if solo:
+            self.param, self.grad = params[0].detach().view(-1), None  # grad: a copy on demand
+        else:
+            self.param, self.grad = make(self.dtype), make(self.grad_dtype)
+        self.grad_now = self.grad  # the grad operand of the step being prepared
         if layout.has_master(self.dtype):
             self.state[MASTER_KEY] = make(torch.float32)
         # Stochastic rounding (when the group asks) applies to bf16 params without a master.
@@ -221,20 +233,23 @@ class FlatBuffer:
         self.step_views = list(self.steps.unbind())  # state[p]["step"]: one object per param
         # Per param and per buffer: what the param, its grad and its state tensors are (see the
         # module docstring), and where their data must be.
-        self.views = {name: [self._make_view(flat, i) for i in range(len(params))]
-                      for name, flat in (("param", self.param), ("grad", self.grad), *self.state.items())}
-        for alias in self.views["param"]:
-            _OWN_STORAGES.add(alias.untyped_storage())
-        self.ptrs = {name: [v.data_ptr() for v in views] for name, views in self.views.items()}
         # Indices of params copied in and out around each update, never re-pointed.
-        self.external = [i for i, p in enumerate(params) if _is_external(p)]
+        self.external = [] if solo else [i for i, p in enumerate(params) if _is_external(p)]
         self.external_set = set(self.external)
-        with torch.no_grad():
-            for i, (p, view) in enumerate(zip(params, self.views["param"])):
-                view.copy_(_local(p))
-                if i not in self.external_set:
-                    p.data = view
-                    _REPOINTED[id(p)] = p
+        flats = (("param", self.param), ("grad", self.grad), *self.state.items())
+        self.views = {name: [params[0].detach()] if solo and name == "param" else
+                      [self._make_view(flat, i) for i in range(len(params))]
+                      for name, flat in flats if flat is not None}
+        self.ptrs = {name: [v.data_ptr() for v in views] for name, views in self.views.items()}
+        if not solo:
+            for alias in self.views["param"]:
+                _OWN_STORAGES.add(alias.untyped_storage())
+            with torch.no_grad():
+                for i, (p, view) in enumerate(zip(params, self.views["param"])):
+                    view.copy_(_local(p))
+                    if i not in self.external_set:
+                        p.data = view
+                        _REPOINTED[id(p)] = p
         self.initialized = [False] * len(params)
         self.all_initialized = not params
         self.state_dicts: list[dict | None] = [None] * len(params)  # the dicts we filled
@@ -242,8 +257,7 @@ class FlatBuffer:
         self.dtensor_states: dict[tuple[str, int], torch.Tensor] = {}
 
     def _make_view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
-        view = _view(flat, self.bounds[i], _local(self.params[i]))
-        return view if i in getattr(self, "external_set", ()) else _alias(view)
+        return _alias(_view(flat, self.bounds[i], _local(self.params[i])))
 
     def adopt_state(self, state) -> None:
         """Make `state[p]` (whatever tensors it holds now) views of this buffer, values kept; the
@@ -352,6 +366,14 @@ class FlatBuffer:
         # By identity, and (eager) by address: p.grad keeps the object we assigned (autograd
         # accumulates into it), but `p.grad.data = t` or `p.grad.set_(t)` (Horovod) re-points
         # that object. torch.compile traces `is`, not data_ptr, attrgetter or map over `is_`.
+        if self.solo:  # autograd's grad is the operand where it can be; else copied
+            g = self.params[0].grad
+            if g is None:
+                return [], []
+            if g.layout != torch.strided:
+                raise RuntimeError(SPARSE_ERROR)
+            usable = g.dtype == self.grad_dtype and g.is_contiguous()
+            return None, [] if usable else [(0, g)]
         views, compiling = self.views["grad"], torch.compiler.is_compiling()
         grads = [p.grad for p in self.params] if compiling else list(map(_GRAD, self.params))
         if self.external:
@@ -397,7 +419,14 @@ class FlatBuffer:
     def _prepare(self, state, active, foreign, stale):
         if stale:
             self._adopt_stale(state, stale)
-        if foreign:
+        if self.solo:
+            g = self.params[0].grad
+            if foreign:
+                if self.grad is None:
+                    self.grad = torch.empty(self.total, dtype=self.grad_dtype, device=self.device)
+                self.grad.view(g.shape).copy_(g)
+            self.grad_now = self.grad if foreign else g.view(-1)
+        elif foreign:
             views = self.views["grad"]
             # Our grad object re-pointed elsewhere (`p.grad.data = t`): copied into a new alias
             # of its segment, which the object then points to again.
@@ -431,7 +460,7 @@ class FlatBuffer:
         rounding = {} if self.may_round_stochastically else {"stochastic_rounding_seed": None}
         skip = {} if found_inf is None else {"found_inf": found_inf}
         steps = self.steps if self.device_steps else self.steps.tolist()
-        whole = (self.param, self.grad, m, v, vmax, master)
+        whole = (self.param, self.grad_now, m, v, vmax, master)
         for start, end, first in self._runs(active, self.history if self.device_steps else steps):
             # (slicing six tensors costs ~5 us of host time: not for the usual whole-buffer run)
             operands = whole if end - start == self.total else [
@@ -489,7 +518,7 @@ class FlatBuffer:
     def zero_grad(self) -> None:
         """`zero_grad(set_to_none=False)`: one fill for every grad that is our view; others as
         torch does them."""
-        for p, view in zip(self.params, self.views["grad"]):
+        for p, view in zip(self.params, self.views.get("grad", [None])):
             g = None if p.grad is None else _local(p.grad)
             if g is not None and g is not view:
                 if g.grad_fn is not None:
@@ -497,7 +526,8 @@ class FlatBuffer:
                 else:
                     g.requires_grad_(False)
                 g.zero_()
-        self.grad.zero_()
+        if not self.solo:
+            self.grad.zero_()
 
 
 class GroupBuffers:
@@ -511,10 +541,16 @@ class GroupBuffers:
         # state. One that gets a grad later re-packs the group (is_current).
         self.frozen = [p for p in unique if not (p.requires_grad or p.grad is not None)]
         packed = [p for p in unique if p.requires_grad or p.grad is not None]
+        solo = []
         for p in packed:
             _check_writable(p)
-            by_key.setdefault(buffer_key(p), []).append(p)
-        self.buffers = [FlatBuffer(ps, layout, watch) for ps in by_key.values()]
+            if (p.numel() >= SOLO_NUMEL and p.is_contiguous() and not p.is_complex()
+                    and not _is_external(p)):
+                solo.append(p)
+            else:
+                by_key.setdefault(buffer_key(p), []).append(p)
+        self.buffers = [FlatBuffer(ps, layout, watch) for ps in by_key.values()] + [
+            FlatBuffer([p], layout, watch, solo=True) for p in solo]
         for buf in self.buffers:
             buf.adopt_state(state)
         self.layout = layout
@@ -539,7 +575,7 @@ def clip_coefficient(prepared, max_norm: float, grad_scale=None) -> torch.Tensor
     """`torch.nn.utils.clip_grad_norm_`'s coefficient for the grads of `prepared` ((buffer,
     active) pairs), as a device tensor: min(1, max_norm / (total norm + 1e-6)), no host sync.
     With `grad_scale` the grads are scaled: the norm is of the unscaled ones."""
-    norms = [torch.linalg.vector_norm(buf.grad[start:end], dtype=torch.float32)
+    norms = [torch.linalg.vector_norm(buf.grad_now[start:end], dtype=torch.float32)
              for buf, active in prepared for start, end in buf.spans(active)]
     if not norms:
         return None
@@ -552,7 +588,7 @@ def clip_coefficient(prepared, max_norm: float, grad_scale=None) -> torch.Tensor
 
 def nonfinite(prepared) -> torch.Tensor | None:
     """1.0 on the device when any grad of `prepared` is inf or NaN, else 0.0: no host sync."""
-    flags = [~torch.isfinite(buf.grad[start:end]).all()
+    flags = [~torch.isfinite(buf.grad_now[start:end]).all()
              for buf, active in prepared for start, end in buf.spans(active)]
     if not flags:
         return None

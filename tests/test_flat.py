@@ -168,3 +168,42 @@ def test_sparse_grad_raises_and_changes_nothing():
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(params, before))
     assert all(torch.equal(opt.state[params[0]][k], v) for k, v in state.items())
+
+
+@pytest.fixture
+def solo(monkeypatch):
+    """Params of 32 elements and more stepped in their own storage (as 4M-element ones are)."""
+    monkeypatch.setattr(fused_adam.flat, "SOLO_NUMEL", 32)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("zero_grad", list(ZERO_GRADS))
+@pytest.mark.parametrize("options", [{}, dict(amsgrad=True, max_grad_norm=0.1),
+                                     dict(skip_nonfinite=True)])
+def test_large_params_are_stepped_in_their_own_storage(device, backend, zero_grad, options, solo):
+    model, ref_model = _model(device), _model(device)
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    opt = FusedAdamW(model.parameters(), lr=1e-2, backend=backend, **options)
+    assert sum(b.solo for gb in opt._layout for b in gb.buffers) == 3  # 231, 33 and 99 elements
+    assert [p.data_ptr() for p in model.parameters()][:3] == ptrs[:3]  # not copied
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=False,
+                            amsgrad=options.get("amsgrad", False))
+    max_norm = options.get("max_grad_norm")
+
+    def ref_zero_grad(m, o):
+        ZERO_GRADS[zero_grad](m, o)
+
+    _train(model, opt, 6, ZERO_GRADS[zero_grad], device=device)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):  # _train, with torch's clipping where ours clips in the step
+        x = torch.randn(16, 7, generator=gen).to(device)
+        ref_zero_grad(ref_model, ref)
+        ref_model(x).square().mean().backward()
+        if max_norm:
+            torch.nn.utils.clip_grad_norm_(ref_model.parameters(), max_norm)
+        ref.step()
+    # (the clip coefficient sums in another order than clip_grad_norm_: the kernels' tolerance)
+    assert_optimizers_match(opt, ref, "cpu" if max_norm else backend, "training loop")
+    assert [p.data_ptr() for p in model.parameters()][:3] == ptrs[:3]
+    if zero_grad == "opt.zero_grad()":  # autograd's grads were read in place: no copy made
+        assert all(b.grad is None for gb in opt._layout for b in gb.buffers if b.solo)
