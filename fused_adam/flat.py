@@ -23,14 +23,15 @@ Params whose storage another engine owns are not re-pointed but copied in and ou
 copies the param (its local shard) and its grad into the buffer before the update and back after
 it. Those are DTensor shards (FSDP2, whose all-gather reads the shard's own storage; their states
 are DTensors with the param's mesh and placements over views of the buffer, as torch.optim's would
-be), params that view a larger storage not ours, and params we re-pointed whose storage was
-replaced since: the one who replaced it may read it. ZeroRedundancyOptimizer's
+be), params that view a larger storage not ours (ZeroRedundancyOptimizer's
 `parameters_as_bucket_view` re-points params into its buckets after building its optimizer, then
-broadcasts the buckets; FSDP1 resets `flat_param.data` to the local shard it owns after every
-forward and backward. Either would otherwise undo our re-pointing and drop the update. So are
-params that must not move: in shared memory (`model.share_memory()`, Hogwild: the workers step
-the shared storage), or whose storage another tensor also uses (tied params, the tensor handed to
-`nn.Embedding.from_pretrained`): moving one would untie them.
+broadcasts the buckets), and params whose storage another tensor also uses: FSDP1 keeps its
+local shard and resets `flat_param.data` to it after every forward and backward; tied params and
+the tensor handed to `nn.Embedding.from_pretrained` must stay tied. Moving any of them would drop
+the update or untie them. So are params in shared memory (`model.share_memory()`, Hogwild: the
+workers step the shared storage). Such params are classified again whenever a group re-packs (a
+storage replaced by `model.to()` is the param's own again). Params that share one storage are
+stepped one after another, each copied in just before its update, as torch's loop does.
 """
 from __future__ import annotations
 
@@ -69,21 +70,18 @@ def _is_dtensor(t) -> bool:
     return module is not None and isinstance(t, module.DTensor)
 
 
-# The storages of our param buffers, and the params we re-pointed into one (by id: a tensor's
-# `==` is elementwise, so tensors cannot be WeakSet members).
+# The storages of the params' aliases into our buffers.
 _OWN_STORAGES: weakref.WeakSet = weakref.WeakSet()
-_REPOINTED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def _is_external(p: torch.Tensor) -> bool:
     """Whether `p` must stay in its own storage (see the module docstring): copied in and out."""
-    if _is_dtensor(p):
+    if _is_dtensor(p) or p.is_shared():  # (share_memory_ moves even one of our aliases)
         return True
     storage = p.untyped_storage()
     if storage in _OWN_STORAGES:
         return False
-    return (_REPOINTED.get(id(p)) is p or p.is_shared()
-            or storage.nbytes() > p.numel() * p.element_size()
+    return (storage.nbytes() > p.numel() * p.element_size()
             or torch._C._storage_Use_Count(storage._cdata) > _sole_use_count())
 
 
@@ -93,6 +91,11 @@ def _sole_use_count() -> int:
     (the Python storage object it asks through holds a reference of its own)."""
     t = torch.empty(1)
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+def _storage_address(p: torch.Tensor) -> int:
+    """Where p's storage (a DTensor's local one) starts: equal for params that share it."""
+    return _local(p).untyped_storage().data_ptr()
 
 
 def _alias(view: torch.Tensor) -> torch.Tensor:
@@ -249,7 +252,6 @@ class FlatBuffer:
                     view.copy_(_local(p))
                     if i not in self.external_set:
                         p.data = view
-                        _REPOINTED[id(p)] = p
         self.initialized = [False] * len(params)
         self.all_initialized = not params
         self.state_dicts: list[dict | None] = [None] * len(params)  # the dicts we filled
@@ -358,6 +360,12 @@ class FlatBuffer:
             missing = {"step", "exp_avg", "exp_avg_sq"} - set(dicts[i] or ())
             if dicts[i] and missing:  # torch's step: KeyError
                 raise KeyError(f"the optimizer state of a parameter lacks {sorted(missing)}")
+            shape = self.params[i].shape
+            for key in self.state:  # torch's in-place update: no broadcasting into a state
+                value = (dicts[i] or {}).get(key)
+                if torch.is_tensor(value) and value.shape != shape:
+                    raise RuntimeError(f"output with shape {list(value.shape)} doesn't match "
+                                       f"the broadcast shape {list(shape)}")
         return sorted(stale)
 
     def _classify_grads(self):
@@ -413,6 +421,10 @@ class FlatBuffer:
         with torch.no_grad():
             for i in stale:
                 self._adopt(i, state)
+                # Its step count is its own now: a run key no other param has (full steps
+                # never re-key, so hash(step) could equal the others' construction-time key).
+                self.calls += 1
+                self.history[i] = hash(("adopted", self.calls))
         self.all_initialized = all(self.initialized)
         return []  # no segment steps (when called from plan: no param has a grad)
 
@@ -440,9 +452,6 @@ class FlatBuffer:
                     g.data = target
                 else:
                     self.params[i].grad = target
-        if self.external:  # the shard may have been written since (a checkpoint load)
-            torch._foreach_copy_([self.views["param"][i] for i in self.external],
-                                 [_local(self.params[i]) for i in self.external])
         if not self.all_initialized:
             for i in range(len(self.params)) if active is None else active:
                 if not self.initialized[i]:
@@ -454,6 +463,10 @@ class FlatBuffer:
         device scalar, nonzero to skip) the step counts only where it is zero, on the device."""
         if active == []:  # only states were adopted
             return
+        if self.external:  # copied in just before the update (a param sharing their storage
+            # may have stepped since, as may a checkpoint load have written the shard)
+            torch._foreach_copy_([self.views["param"][i] for i in self.external],
+                                 [_local(self.params[i]) for i in self.external])
         self._count_step(active, found_inf)
         m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
         vmax, master = self.state.get("max_exp_avg_sq"), self.state.get(MASTER_KEY)
@@ -541,16 +554,22 @@ class GroupBuffers:
         # state. One that gets a grad later re-packs the group (is_current).
         self.frozen = [p for p in unique if not (p.requires_grad or p.grad is not None)]
         packed = [p for p in unique if p.requires_grad or p.grad is not None]
-        solo = []
+        # Params that share one storage (tied by a view) step one after another, each in a
+        # buffer of its own: copied in just before its update, it sees the one before.
+        bases = collections.Counter(_storage_address(p) for p in packed if p.numel())
+        solo, serial = [], []
         for p in packed:
             _check_writable(p)
-            if (p.numel() >= SOLO_NUMEL and p.is_contiguous() and not p.is_complex()
+            if p.numel() and bases[_storage_address(p)] > 1:
+                serial.append(p)
+            elif (p.numel() >= SOLO_NUMEL and p.is_contiguous() and not p.is_complex()
                     and not _is_external(p)):
                 solo.append(p)
             else:
                 by_key.setdefault(buffer_key(p), []).append(p)
         self.buffers = [FlatBuffer(ps, layout, watch) for ps in by_key.values()] + [
-            FlatBuffer([p], layout, watch, solo=True) for p in solo]
+            FlatBuffer([p], layout, watch, solo=True) for p in solo] + [
+            FlatBuffer([p], layout, watch) for p in serial]
         for buf in self.buffers:
             buf.adopt_state(state)
         self.layout = layout

@@ -246,6 +246,74 @@ def test_an_expanded_param_raises_torchs_error():
         FusedAdamW([p])
 
 
+@pytest.mark.parametrize("tie", ["row", "whole"])
+def test_params_that_share_storage_step_one_after_another_as_in_torch(tie):
+    def run(make):
+        a = torch.nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)))
+        b = torch.nn.Parameter(a.data[0] if tie == "row" else a.data)
+        opt = make([a, b])
+        for step in range(3):
+            gen = torch.Generator().manual_seed(step)
+            for p in (a, b):
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return a.detach().clone()
+    ours = run(lambda ps: FusedAdamW(ps, lr=1e-2, backend="torch"))
+    ref = run(lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False))
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_a_storage_replaced_after_construction_is_the_params_own():
+    """model.to(), model.half(), accelerate's prepare() after building the optimizer: the new
+    storage is re-packed into a buffer, not copied in and out every step from then on."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    opt = FusedAdamW(model.parameters(), lr=1e-2)
+    model.double()
+    model(torch.randn(2, 4, dtype=torch.float64)).sum().backward()
+    opt.step()
+    assert all(not b.external for gb in opt._layout for b in gb.buffers)
+
+
+def test_share_memory_after_the_optimizer_keeps_the_model_shared():
+    model, ref_model = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    ref_model.load_state_dict(model.state_dict())
+    opt = FusedAdamW(model.parameters(), lr=1e-2, backend="torch")
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=False)
+    for step in range(3):
+        if step == 1:
+            model.share_memory()
+            ref_model.share_memory()
+        for m, o in ((model, opt), (ref_model, ref)):
+            o.zero_grad()
+            m(torch.randn(5, 4, generator=torch.Generator().manual_seed(step))).sum().backward()
+            o.step()
+    assert all(p.is_shared() for p in model.parameters())
+    assert_optimizers_match(opt, ref, "torch")
+
+
+@pytest.mark.parametrize("options", [{}, dict(skip_nonfinite=True), dict(capturable=True)])
+def test_a_state_reset_for_one_param_counts_its_own_steps(options):
+    """With step counts on the device, params are stepped in runs of equal counts: the reset
+    param must not join the others' run."""
+    params, ref_params, ours, ref = _pair(**options)
+    _steps(params, ref_params, ours, ref, steps=3)
+    for opt, ps in ((ours, params), (ref, ref_params)):
+        del opt.state[ps[0]]
+    _steps(params, ref_params, ours, ref, steps=3, start=3)
+    assert_optimizers_match(ours, ref, "cpu")  # capturable: device-side scalars, kernels' tolerance
+
+
+def test_a_state_of_the_wrong_shape_raises_before_anything_changes():
+    params, ref_params, ours, ref = _pair()
+    _steps(params, ref_params, ours, ref, steps=2)
+    before = [p.detach().clone() for p in params]
+    ours.state[params[0]]["exp_avg"] = torch.zeros(1)
+    set_grads(params, ref_params, 2)
+    with pytest.raises(RuntimeError, match="doesn't match the broadcast shape"):
+        ours.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
 def test_params_that_share_storage_stay_tied():
     a = torch.nn.Parameter(torch.randn(3, 4))
     b = torch.nn.Parameter(a.data[0])
