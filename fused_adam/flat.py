@@ -212,21 +212,27 @@ class FlatBuffer:
         self.bounds = bounds  # segment i is [bounds[i], bounds[i + 1]), padding included
         self.total = bounds[-1]
         make = lambda dtype: torch.zeros(self.total, dtype=dtype, device=self.device)  # noqa: E731
-        self.state = {k: make(layout.state_dtype(k, self.dtype))
-                      for k in STATE_KEYS[: 3 if layout.amsgrad else 2]}
+        self.state_dtypes = {k: layout.state_dtype(k, self.dtype)
+                             for k in STATE_KEYS[: 3 if layout.amsgrad else 2]}
+        if layout.has_master(self.dtype):
+            self.state_dtypes[MASTER_KEY] = torch.float32
         if any(p.is_complex() for p in params) and any(
-                s.dtype != self.dtype for s in self.state.values()):
+                d != self.dtype for d in self.state_dtypes.values()):
             raise ValueError("fused_adam: complex params keep their states in their own dtype; "
                              "state_dtype does not apply to them")
+        # The state buffers: allocated when a first param gets a state, as torch's states are at
+        # a param's first step, not at construction (before the first backward, whose
+        # activations would otherwise share the memory with two params' worth of moments).
+        self.state: dict[str, torch.Tensor] = {}
         if solo:
-            self.param, self.grad = params[0].detach().view(-1), None  # grad: a copy on demand
+            # (an alias, not a view: aot_autograd rejects an input that views another input)
+            self.param, self.grad = _alias(params[0].detach().view(-1)), None  # grad: on demand
         else:
             self.param, self.grad = make(self.dtype), make(self.grad_dtype)
         self.grad_now = self.grad  # the grad operand of the step being prepared
-        if layout.has_master(self.dtype):
-            self.state[MASTER_KEY] = make(torch.float32)
         # Stochastic rounding (when the group asks) applies to bf16 params without a master.
-        self.may_round_stochastically = self.dtype == torch.bfloat16 and MASTER_KEY not in self.state
+        self.may_round_stochastically = (self.dtype == torch.bfloat16
+                                         and MASTER_KEY not in self.state_dtypes)
         # torch's `step`: fp32, on the CPU; on the param's device when the step must be skipped
         # without a host sync (skip_nonfinite, GradScaler), as torch's fused/capturable keep it.
         self.device_steps = layout.device_steps
@@ -239,7 +245,7 @@ class FlatBuffer:
         # Indices of params copied in and out around each update, never re-pointed.
         self.external = [] if solo else [i for i, p in enumerate(params) if _is_external(p)]
         self.external_set = set(self.external)
-        flats = (("param", self.param), ("grad", self.grad), *self.state.items())
+        flats = (("param", self.param), ("grad", self.grad))
         self.views = {name: [params[0].detach()] if solo and name == "param" else
                       [self._make_view(flat, i) for i in range(len(params))]
                       for name, flat in flats if flat is not None}
@@ -259,7 +265,23 @@ class FlatBuffer:
         self.dtensor_states: dict[tuple[str, int], torch.Tensor] = {}
 
     def _make_view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
-        return _alias(_view(flat, self.bounds[i], _local(self.params[i])))
+        view = _view(flat, self.bounds[i], _local(self.params[i]))
+        # (a compiled first step allocates the states: dynamo traces views, not DLPack)
+        return view if torch.compiler.is_compiling() else _alias(view)
+
+    def _allocate_states(self) -> None:
+        """The state buffers and their per-param views: moments zero, the master copy the params'
+        current values."""
+        if self.state:
+            return
+        for key, dtype in self.state_dtypes.items():
+            flat = torch.zeros(self.total, dtype=dtype, device=self.device)
+            if key == MASTER_KEY:
+                flat.copy_(self.param)
+            self.state[key] = flat
+            self.views[key] = [self._make_view(flat, i) for i in range(len(self.params))]
+            self.ptrs[key] = (None if torch.compiler.is_compiling() else
+                              [v.data_ptr() for v in self.views[key]])
 
     def adopt_state(self, state) -> None:
         """Make `state[p]` (whatever tensors it holds now) views of this buffer, values kept; the
@@ -282,11 +304,11 @@ class FlatBuffer:
         step = float(s["step"]) if s else 0.0  # loading may read values
         self.steps[i] = step
         self.history[i] = hash(step)
-        for key, views in self.views.items():
-            if key == "param" or key == "grad":
-                continue
-            view = views[i]
-            if view.data_ptr() != self.ptrs[key][i]:  # `view.data = t`: t's values, our memory
+        if s:
+            self._allocate_states()
+        for key in self.state:
+            view, ptrs = self.views[key][i], self.ptrs[key]
+            if ptrs is not None and view.data_ptr() != ptrs[i]:  # `view.data = t`: t's values
                 fresh = self._make_view(self.state[key], i)
                 fresh.copy_(view)
                 view.data = fresh
@@ -344,6 +366,8 @@ class FlatBuffer:
         stale = set()
         for key in self.state:
             now = list(map(torch.Tensor.data_ptr, self.views[key]))
+            if self.ptrs[key] is None:  # allocated by a compiled step: addresses from now on
+                self.ptrs[key] = now
             if now != self.ptrs[key]:
                 stale.update(i for i, (a, b) in enumerate(zip(now, self.ptrs[key])) if a != b)
         if not (self.watch.dirty or self.unwatched):
@@ -453,6 +477,7 @@ class FlatBuffer:
                 else:
                     self.params[i].grad = target
         if not self.all_initialized:
+            self._allocate_states()
             for i in range(len(self.params)) if active is None else active:
                 if not self.initialized[i]:
                     self._init_state(i, state)

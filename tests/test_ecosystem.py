@@ -235,7 +235,10 @@ def test_our_kernel_is_a_custom_op_in_the_compiled_graph():
     assert "fused_adam.adam_step_.default" in targets or "fused_adam.adam_step_" in targets, targets
 
 
-def test_compiled_step_with_inductor_matches_eager():
+@pytest.mark.parametrize("solo", [False, True], ids=["packed", "own storage"])
+def test_compiled_step_with_inductor_matches_eager(solo, monkeypatch):
+    if solo:  # every param stepped in its own storage, as params of 4M+ elements are
+        monkeypatch.setattr(fused_adam.flat, "SOLO_NUMEL", 1)
     torch._dynamo.reset()
     runs = []
     for compiled in (False, True):

@@ -401,3 +401,17 @@ def test_the_torch_backend_workspace_stays_bounded():
     assert all(torch.equal(a, b) for a, b in zip(chunked, whole))
     held = sum(b.numel() * b.element_size() for b in torch_ref._workspace.buffers.values())
     assert held <= 7 * chunk * 4
+
+
+def test_states_are_allocated_at_the_first_step_as_torchs():
+    """Not at construction: the first backward would share the memory with them."""
+    model = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    opt = FusedAdamW(model.parameters(), lr=1e-2, master_weights=True)
+    buffers = [b for gb in opt._layout for b in gb.buffers]
+    assert all(not b.state for b in buffers)
+    with torch.no_grad():  # written between construction and the first step: the master has it
+        model.weight.fill_(0.5)
+    model(torch.randn(2, 64, dtype=torch.bfloat16)).sum().backward()
+    opt.step()
+    assert all(b.state for b in buffers)
+    assert (opt.state[model.weight]["master_param"] - 0.5).abs().max() < 0.02
