@@ -76,7 +76,8 @@ _OWN_STORAGES: weakref.WeakSet = weakref.WeakSet()
 
 def _is_external(p: torch.Tensor) -> bool:
     """Whether `p` must stay in its own storage (see the module docstring): copied in and out."""
-    if _is_dtensor(p) or p.is_shared():  # (share_memory_ moves even one of our aliases)
+    # (share_memory_ moves even one of our aliases; CUDA tensors always say is_shared())
+    if _is_dtensor(p) or (p.device.type == "cpu" and p.is_shared()):
         return True
     storage = p.untyped_storage()
     if storage in _OWN_STORAGES:
@@ -246,7 +247,7 @@ class FlatBuffer:
         self.external = [] if solo else [i for i, p in enumerate(params) if _is_external(p)]
         self.external_set = set(self.external)
         flats = (("param", self.param), ("grad", self.grad))
-        self.views = {name: [params[0].detach()] if solo and name == "param" else
+        self.views = {name: [self.param.view(params[0].shape)] if solo and name == "param" else
                       [self._make_view(flat, i) for i in range(len(params))]
                       for name, flat in flats if flat is not None}
         self.ptrs = {name: [v.data_ptr() for v in views] for name, views in self.views.items()}
@@ -268,6 +269,16 @@ class FlatBuffer:
         view = _view(flat, self.bounds[i], _local(self.params[i]))
         # (a compiled first step allocates the states: dynamo traces views, not DLPack)
         return view if torch.compiler.is_compiling() else _alias(view)
+
+    def _alias_compiled_views(self, key: str) -> None:
+        """States a compiled step allocated are plain views of their buffer: at the first eager
+        step each still in place becomes an alias (the same object, a storage of its own); one
+        user code re-pointed since is stale (its address is not its segment's)."""
+        flat = self.state[key]
+        self.ptrs[key] = [flat.data_ptr() + start * flat.element_size() for start in self.bounds[:-1]]
+        for view, ptr in zip(self.views[key], self.ptrs[key]):
+            if view.data_ptr() == ptr:
+                view.data = _alias(view)
 
     def _allocate_states(self) -> None:
         """The state buffers and their per-param views: moments zero, the master copy the params'
@@ -343,6 +354,8 @@ class FlatBuffer:
             s[key] = self._state_view(key, i)
         self.initialized[i] = True
         self.state_dicts[i] = s
+        if type(s) is not WatchedDict:  # made by a compiled step: compared every eager step
+            self.unwatched.add(i)
 
     def _state_view(self, key: str, i: int) -> torch.Tensor:
         """state[p][key]: the buffer's view, as a DTensor laid out like p when p is one (made
@@ -365,9 +378,9 @@ class FlatBuffer:
         # `exp_avg.data = t` re-points our tensor: its address tells, at ~40 ns a tensor.
         stale = set()
         for key in self.state:
+            if self.ptrs[key] is None:
+                self._alias_compiled_views(key)
             now = list(map(torch.Tensor.data_ptr, self.views[key]))
-            if self.ptrs[key] is None:  # allocated by a compiled step: addresses from now on
-                self.ptrs[key] = now
             if now != self.ptrs[key]:
                 stale.update(i for i, (a, b) in enumerate(zip(now, self.ptrs[key])) if a != b)
         if not (self.watch.dirty or self.unwatched):
@@ -385,7 +398,7 @@ class FlatBuffer:
             if dicts[i] and missing:  # torch's step: KeyError
                 raise KeyError(f"the optimizer state of a parameter lacks {sorted(missing)}")
             shape = self.params[i].shape
-            for key in self.state:  # torch's in-place update: no broadcasting into a state
+            for key in self.state_dtypes:  # torch's in-place update: no broadcast into a state
                 value = (dicts[i] or {}).get(key)
                 if torch.is_tensor(value) and value.shape != shape:
                     raise RuntimeError(f"output with shape {list(value.shape)} doesn't match "

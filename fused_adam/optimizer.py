@@ -161,14 +161,17 @@ class FusedAdam(Optimizer):
         del layout[len(self.param_groups):]
         for i, group in enumerate(self.param_groups):
             options = Layout.of(group, self._amp)
-            if i == len(layout) or not layout[i].is_current(group["params"], options):
-                buffers = GroupBuffers(group["params"], options, self.state, self._watch)
-                layout[i:i + 1] = [buffers]
+            if i == len(layout):
+                layout.append(None)
+            if layout[i] is None or not layout[i].is_current(group["params"], options):
+                # Released first: its aliases would count as other users of the params' storage.
+                layout[i] = None
+                layout[i] = GroupBuffers(group["params"], options, self.state, self._watch)
 
     def _layout_is_current(self) -> bool:
         return (self._layout is not None and self._layout_state is self.state
                 and len(self._layout) == len(self.param_groups)
-                and all(gb.is_current(g["params"], Layout.of(g, self._amp))
+                and all(gb is not None and gb.is_current(g["params"], Layout.of(g, self._amp))
                         for g, gb in zip(self.param_groups, self._layout)))
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -303,9 +303,12 @@ def test_a_state_reset_for_one_param_counts_its_own_steps(options):
     assert_optimizers_match(ours, ref, "cpu")  # capturable: device-side scalars, kernels' tolerance
 
 
-def test_a_state_of_the_wrong_shape_raises_before_anything_changes():
+@pytest.mark.parametrize("steps_before", [0, 2])
+def test_a_state_of_the_wrong_shape_raises_before_anything_changes(steps_before):
     params, ref_params, ours, ref = _pair()
-    _steps(params, ref_params, ours, ref, steps=2)
+    _steps(params, ref_params, ours, ref, steps=steps_before)
+    if not steps_before:
+        ours.state[params[0]] = {"step": torch.tensor(1.0), "exp_avg_sq": torch.zeros(4, 3)}
     before = [p.detach().clone() for p in params]
     ours.state[params[0]]["exp_avg"] = torch.zeros(1)
     set_grads(params, ref_params, 2)
@@ -415,3 +418,56 @@ def test_states_are_allocated_at_the_first_step_as_torchs():
     opt.step()
     assert all(b.state for b in buffers)
     assert (opt.state[model.weight]["master_param"] - 0.5).abs().max() < 0.02
+
+
+@pytest.mark.parametrize("edit", ["exp_avg.data = t", "state[p][exp_avg] = t"])
+def test_state_edits_after_a_compiled_first_step(edit):
+    """A compiled first step allocates the states (plain views, plain dicts: what dynamo
+    traces); the eager steps after it still see user edits and hand out tensors of their own."""
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    params = make_params(SHAPES, "cpu")
+    ref_params = clone_params(params)
+    ours = FusedAdamW(params, lr=torch.tensor(1e-2), capturable=True, backend="torch")
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, foreach=False)
+    step = torch.compile(ours.step, backend=CompileCounter(), fullgraph=True)
+    set_grads(params, ref_params, 0)
+    step()
+    ref.step()
+    for opt, ps in ((ours, params), (ref, ref_params)):
+        s = opt.state[ps[0]]
+        if edit == "exp_avg.data = t":
+            s["exp_avg"].data = torch.full_like(s["exp_avg"], 0.5)
+        else:
+            s["exp_avg"] = torch.full_like(s["exp_avg"], 0.5)
+    _steps(params, ref_params, ours, ref, steps=2, start=1)
+    assert_optimizers_match(ours, ref, "cpu")  # device-side scalars: the kernels' tolerance
+    for p in params:
+        m = ours.state[p]["exp_avg"]
+        assert m.untyped_storage().nbytes() == m.numel() * m.element_size()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_params_are_packed_not_copied_in_and_out():
+    """CUDA tensors always say is_shared(): that must not make them 'shared memory' params."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8)).cuda()
+    opt = FusedAdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 64, device="cuda")).sum().backward()
+    opt.step()
+    assert all(not b.external for gb in opt._layout for b in gb.buffers)
+
+
+def test_a_repack_keeps_own_storage_params_in_their_storage(monkeypatch):
+    """Re-packing (a param unfrozen, amsgrad switched on) while the old buffers still hold
+    their aliases must not count those as other users of the params' storage."""
+    import fused_adam.flat
+    monkeypatch.setattr(fused_adam.flat, "SOLO_NUMEL", 8)
+    params = make_params([(4, 3), (5,)], "cpu")
+    ours = FusedAdamW(params, lr=1e-2)
+    set_grads(params, clone_params(params), 0)
+    ours.step()
+    ours.param_groups[0]["amsgrad"] = True
+    ours.step()
+    buffers = [b for gb in ours._layout for b in gb.buffers]
+    assert any(b.solo for b in buffers) and not any(b.external for b in buffers)
