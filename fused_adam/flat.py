@@ -479,8 +479,8 @@ class FlatBuffer:
             views = self.views["grad"]
             # Our grad object re-pointed elsewhere (`p.grad.data = t`): copied into a new alias
             # of its segment, which the object then points to again.
-            targets = [_alias(_view(self.grad, self.bounds[i], _local(self.params[i])))
-                       if g is views[i] else views[i] for i, g in foreign]
+            targets = [self._make_view(self.grad, i) if g is views[i] else views[i]
+                       for i, g in foreign]
             torch._foreach_copy_(targets, [g for _, g in foreign])
             for (i, g), target in zip(foreign, targets):
                 if i in self.external_set:
