@@ -49,7 +49,7 @@ test: $(VENV)/.ext
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.ext
-	PYTHONPATH=. $(PY) bench/bench.py
+	PYTHONPATH=. $(PY) bench/bench.py --no-plots
 	$(PY) bench/report.py
 
 demo: $(VENV)/.ext

@@ -373,6 +373,8 @@ def main(argv=None):
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds of timed rounds per case (CPU 1, GPU 0.5); min reps apply")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
+    parser.add_argument("--no-plots", action="store_true",
+                        help="tables only (gpu-check: bench/report.py draws the plots later)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -405,7 +407,7 @@ def main(argv=None):
             run("precision", "2^24", [(1 << 24,)], precision_providers())
     print(header(results))
     print(markdown(rows))
-    for path in write(results, out):
+    for path in write(results, out, plots=not args.no_plots):
         print("wrote", path)
     return results
 

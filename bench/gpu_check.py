@@ -2,23 +2,26 @@
 of device time per task, one command at most 10) should bring back, in one command of under
 7 minutes, each stage in its own process under its own time cap, in order of value:
 
-  env        GPU, clocks, driver, versions, tools (env.json, env.log)
-  build      the extension, JIT-built with ninja, verbose log kept (build.log); a failed build
+  env        GPU, clocks, driver, versions, tools (env.json)
+  build      the extension, JIT-built with ninja, verbose log kept; a failed build
              does not stop the rest: Triton and the torch backend still run
   bench      bench/bench.py on the GPU: models, 1000 small tensors, mixed precision, the size
-             sweep (bench-cuda.json/.csv/.md, written after every case; bench.log)
+             sweep (bench-cuda.json/.csv/.md, written after every case; no plots: see below)
   tests      the CUDA test cases only (marker `cuda`; CI runs the CPU ones), with pytest-xdist and
-             a per-test timeout where installed (pytest.log)
+             a per-test timeout where installed
   sanitizer  compute-sanitizer --tool memcheck over bench/sanitize_step.py: both kernels, odd
-             sizes, misaligned views, every mode (sanitizer.log); without compute-sanitizer or a
+             sizes, misaligned views, every mode; without compute-sanitizer or a
              GPU the script runs bare, which rehearses it
 
 Everything goes to $OUT when set, else bench/results/ (build/gpu-check/ without a GPU, so that a
 rehearsal never overwrites the committed CPU results), AS IT GOES: the report (gpu-check.md,
 gpu-check.json) is rewritten before and after every stage, so a run killed at any point keeps
 all that finished before it and says which stage was running. A stage that overruns its cap is
-killed with its process group and reported `cut`; the next one starts. Copy bench-cuda.* into
-bench/results/ and run bench/report.py to put the GPU results in the README.
+killed with its process group and reported `cut`; the next one starts. Every stage's output goes
+to one log, gpu-check.log: the device tool brings back at most 8 files (the first run, 2026-11-27,
+wrote 13 and lost the report, the test log and the sanitizer's), so a run writes 7: gpu-check.md,
+.json, .log, env.json, bench-cuda.json/.csv/.md. Copy bench-cuda.* into bench/results/ and run
+bench/report.py: it draws the plots from the JSON and puts the GPU results in the README.
 
     python bench/gpu_check.py [--out DIR] [--only STAGE ...] [--cap STAGE=SECONDS ...]
                               [--bench-args "..."] [--hang STAGE]
@@ -146,7 +149,7 @@ def commands(out: Path, gpu: bool, bench_args: list[str] | None) -> dict:
         env=[py, str(Path(__file__).resolve()), "--facts", str(out / "env.json")],
         build=[py, "-m", "fused_adam._ext"],
         bench=[py, str(ROOT / "bench" / "bench.py"), "--device", "cuda" if gpu else "cpu",
-               "--out", str(out), *(bench_args if bench_args is not None else
+               "--out", str(out), "--no-plots", *(bench_args if bench_args is not None else
                                     GPU_BENCH_ARGS if gpu else CPU_BENCH_ARGS)],
         tests=pytest_args,
         # Only our kernels are instrumented (torch's run at full speed): "adam_kernel" is in the
@@ -155,20 +158,6 @@ def commands(out: Path, gpu: bool, bench_args: list[str] | None) -> dict:
                     "20", "--kernel-name", "kns=adam_kernel", *script] if sanitizer and gpu
                    else script),
     )
-
-
-def plot_partial(out: Path, device: str) -> None:
-    """The plots of this run's bench when it was cut short (it plots only at its end), from the
-    cases it wrote; in a process of its own under a cap, as every stage."""
-    code = ("import json, sys; from pathlib import Path; from bench import plots; "
-            "plots.plot(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]))")
-    path = out / f"bench-{device}.json"
-    if path.exists():
-        try:
-            subprocess.run([sys.executable, "-c", code, str(path), str(out)], cwd=ROOT, timeout=60,
-                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        except subprocess.TimeoutExpired:
-            pass
 
 
 class Report:
@@ -195,11 +184,11 @@ class Report:
                  f"{'GPU' if self.gpu else 'no GPU (a rehearsal)'}; started "
                  f"{datetime.datetime.fromtimestamp(self.started, datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, "
                  f"{time.time() - self.started:.0f} s so far.", "",
-                 "| stage | status | seconds | cap | log | last line |", "|---|---|---:|---:|---|---|"]
+                 "| stage | status | seconds | cap | last line (gpu-check.log) |", "|---|---|---:|---:|---|"]
         for name, s in self.stages.items():
             last = s.get("last", "").replace("|", "/")[:160]
             lines.append(f"| {name} | {s['status']} | {s.get('seconds', '')} | {s.get('cap', '')} | "
-                         f"{s.get('log', '')} | {last} |")
+                         f"{last} |")
         env = self._fresh("env.json")
         if env:
             e = json.loads(env.read_text())
@@ -210,7 +199,7 @@ class Report:
         bench = self._fresh(f"bench-{'cuda' if self.gpu else 'cpu'}.md")
         if bench:
             lines += ["", "## Benchmark", "", bench.read_text()]
-        log = self._fresh("pytest.log")
+        log = self._fresh("gpu-check.log")
         failed = [] if log is None else [
             line for line in log.read_text(errors="replace").splitlines()
             if re.search(r"\b(FAILED|ERROR) tests/", line)]
@@ -225,10 +214,11 @@ class Stage:
     """One stage's process, in a process group of its own so that a cut kills its children
     (xdist workers, ninja, the sanitized python) too."""
 
-    def __init__(self, cmd, log: Path, env):
-        self.log = log.open("w")
-        self.log.write("$ " + shlex.join(cmd) + "\n")
+    def __init__(self, name, cmd, log: Path, env):
+        self.log = log.open("a")
+        self.log.write(f"\n===== {name}: $ {shlex.join(cmd)}\n")
         self.log.flush()
+        self.start = self.log.tell()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      env=env, start_new_session=True)
 
@@ -254,9 +244,12 @@ def run_stage(name, stage: Stage, cap) -> str:
     return status
 
 
-def _last_line(log: Path) -> str:
-    text = log.read_text(errors="replace").strip().splitlines()
-    return text[-1] if len(text) > 1 else ""
+def _last_line(log: Path, start: int) -> str:
+    """The last line the stage that began at byte `start` of `log` wrote."""
+    with log.open("rb") as f:
+        f.seek(start)
+        text = f.read().decode(errors="replace").strip().splitlines()
+    return text[-1] if text else ""
 
 
 def _caps(specs: list[str]) -> dict:
@@ -296,6 +289,8 @@ def main(argv=None) -> int:
     # network that name may resolve to nothing: loopback always exists.
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     report = Report(out, gpu)
+    log = out / "gpu-check.log"
+    log.write_text("")
     current: dict = {}
 
     def killed(signum, _frame):  # the outer tool's timeout: end the stage, say so, stop
@@ -312,12 +307,12 @@ def main(argv=None) -> int:
         cmd = cmds[name]
         if args.hang == name:
             cmd = [sys.executable, "-c", f"import time; time.sleep({caps[name] * 10 + 60})"]
-        log = out / ("pytest.log" if name == "tests" else f"{name}.log")
         stage_env = env
         if name == "sanitizer":  # exact allocations: memcheck then sees a read past any tensor
             stage_env = dict(env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
-        report.set(name, status="running", cap=caps[name], log=log.name)
-        current.update(name=name, t0=time.time(), stage=Stage(cmd, log, stage_env))
+        report.set(name, status="running", cap=caps[name])
+        stage = Stage(name, cmd, log, stage_env)
+        current.update(name=name, t0=time.time(), stage=stage)
         status = run_stage(name, current["stage"], caps[name])
         seconds = time.time() - current.pop("t0")
         current.clear()
@@ -327,10 +322,9 @@ def main(argv=None) -> int:
             # The later stages run without the extension (Triton and the torch backend still
             # do) rather than each retrying the build, or waiting on a cut build's lock file.
             env["FUSED_ADAM_NO_EXT"] = "1"
-        if name == "bench" and not ok:
-            plot_partial(out, "cuda" if gpu else "cpu")
-        report.set(name, status=status, seconds=round(seconds), last=_last_line(log))
-        print(f"{name:10} {status} ({seconds:.0f} s): {_last_line(log)}", flush=True)
+        last = _last_line(log, stage.start)
+        report.set(name, status=status, seconds=round(seconds), last=last)
+        print(f"{name:10} {status} ({seconds:.0f} s): {last}", flush=True)
     print((out / "gpu-check.md").read_text())
     return 1 if failed else 0
 

@@ -202,8 +202,11 @@ def test_large_params_are_stepped_in_their_own_storage(device, backend, zero_gra
         if max_norm:
             torch.nn.utils.clip_grad_norm_(ref_model.parameters(), max_norm)
         ref.step()
-    # (the clip coefficient sums in another order than clip_grad_norm_: the kernels' tolerance)
-    assert_optimizers_match(opt, ref, "cpu" if max_norm else backend, "training loop")
+    # The kernels' tolerance where the op order is not torch's: the clip coefficient sums in
+    # another order than clip_grad_norm_, and a step counted on a GPU (skip_nonfinite) has its
+    # scalars there, so the torch backend spells addcdiv_ out (1 ulp a step; seen on an H100).
+    loose = max_norm or (device != "cpu" and options.get("skip_nonfinite"))
+    assert_optimizers_match(opt, ref, "cpu" if loose else backend, "training loop")
     assert [p.data_ptr() for p in model.parameters()][:3] == ptrs[:3]
     if zero_grad == "opt.zero_grad()":  # autograd's grads were read in place: no copy made
         assert all(b.grad is None for gb in opt._layout for b in gb.buffers if b.solo)
