@@ -1,5 +1,5 @@
-// CPU kernel of `fused_adam::adam_step_`: one pass over a flat buffer, split across torch's
-// intra-op threads.
+// CPU kernel of `fused_adam::adam_step_`: one pass over every segment of the launch, the
+// segments' elements split across torch's intra-op threads as one range.
 //
 // The math runs on fp32 arrays in one vectorized loop (`adam_fp32`). Operands that are fp32 are
 // updated in place; a bf16/fp16 operand goes through a 1024-element fp32 block on the stack
@@ -33,7 +33,7 @@ constexpr int64_t kBlock = 1024;
 template <WeightDecay wd, bool amsgrad>
 FA_CPU_CLONES void adam_fp32(float* __restrict p, const float* __restrict g, float* __restrict m,
                              float* __restrict v, float* __restrict vmax, int64_t n,
-                             const AdamScalars s) {
+                             const AdamHyper s) {
   for (int64_t i = 0; i < n; ++i) {
     float vmax_i = amsgrad ? vmax[i] : 0.0f;
     adam_update<wd, amsgrad>(p[i], g[i], m[i], v[i], vmax_i, s);
@@ -100,75 +100,94 @@ struct Operand {
   }
 };
 
+// Buffer b's operands. With a master copy the math updates the master; the param is its
+// rounded image (`param_out`).
+struct Operands {
+  Operand p, g, m, v, vmax, param_out;
+  bool all_fp32;
+};
+
 Operand operand(const at::Tensor& t) { return {t.data_ptr(), t.scalar_type()}; }
 
-void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
-                   const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
-                   const std::optional<at::Tensor>& master, double decay, double weight_decay,
-                   double lerp_weight, double beta2, double one_minus_beta2, double neg_step_size,
-                   double bc2_sqrt, double eps, bool maximize, bool decoupled,
-                   std::optional<int64_t> sr_key, int64_t index_base,
-                   const std::optional<at::Tensor>& clip_coef,
-                   const std::optional<at::Tensor>& device_scalars,
-                   const std::optional<at::Tensor>& found_inf) {
-  AdamConfig config =
-      check_and_pack(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, decay, weight_decay,
-                     lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, maximize,
-                     decoupled, sr_key, index_base, clip_coef, device_scalars, found_inf);
-  // "Device" scalars of CPU tensors are host memory: read them here.
-  if (found_inf && *found_inf->const_data_ptr<float>() != 0.0f) return;  // a skipped step
-  if (clip_coef) config.scalars.grad_mult *= *clip_coef->const_data_ptr<float>();
-  if (device_scalars) {
-    const float* d = device_scalars->const_data_ptr<float>();
-    config.scalars.decay = d[0];
-    config.scalars.neg_step_size = d[1];
-    config.scalars.bc2_sqrt = d[2];
+Operands operands(const Buffers& b, int64_t i) {
+  const bool master = !b.masters.empty(), amsgrad = !b.max_exp_avg_sqs.empty();
+  Operands o{master ? operand(b.masters[i]) : operand(b.params[i]), operand(b.grads[i]),
+             operand(b.exp_avgs[i]), operand(b.exp_avg_sqs[i]),
+             amsgrad ? operand(b.max_exp_avg_sqs[i]) : Operand{},
+             master ? operand(b.params[i]) : Operand{}, !master};
+  for (const Operand* x : {&o.p, &o.g, &o.m, &o.v, &o.vmax}) o.all_fp32 &= x->dtype == at::kFloat;
+  return o;
+}
+
+// Elements [lo, end) of one buffer, one row; the random bits of element i keyed on
+// (key, i + index_shift).
+template <WeightDecay wd, bool amsgrad>
+void step_range(const Operands& o, const AdamHyper& h, bool stochastic, int64_t index_shift,
+                int64_t lo, int64_t end) {
+  // All fp32 (no master): the math runs in place over the whole range in one call; a call per
+  // 1024-element block cost ~8% at 16M elements (16K calls through the ifunc).
+  float pb[kBlock], gb[kBlock], mb[kBlock], vb[kBlock], xb[kBlock];
+  for (int64_t len = 0; lo < end; lo += len) {
+    len = o.all_fp32 ? end - lo : std::min(kBlock, end - lo);
+    float* pf = o.p.fp32(lo, pb);
+    float* gf = o.g.fp32(lo, gb);
+    float* mf = o.m.fp32(lo, mb);
+    float* vf = o.v.fp32(lo, vb);
+    float* xf = amsgrad ? o.vmax.fp32(lo, xb) : nullptr;
+    o.p.load(lo, len, pb);
+    if (o.param_out.data) {  // the master, unless user code wrote the param (adam_math.h)
+      with_float_type(o.param_out.dtype, [&](auto tag) {
+        using T = std::decay_t<decltype(tag)>;
+        adopt_written(pf, static_cast<const T*>(o.param_out.data) + lo, len);
+      });
+    }
+    o.g.load(lo, len, gb);
+    o.m.load(lo, len, mb);
+    o.v.load(lo, len, vb);
+    if (amsgrad) o.vmax.load(lo, len, xb);
+    adam_fp32<wd, amsgrad>(pf, gf, mf, vf, xf, len, h);
+    if (stochastic) {
+      store_bf16_stochastic(pf, static_cast<c10::BFloat16*>(o.p.data) + lo, len, h.sr_key,
+                            lo + index_shift);
+    } else {
+      o.p.store(lo, len, pf);
+    }
+    o.m.store(lo, len, mf);
+    o.v.store(lo, len, vf);
+    if (amsgrad) o.vmax.store(lo, len, xf);
+    if (o.param_out.data) o.param_out.store(lo, len, pf);
   }
-  const StochasticRounding& sr = config.rounding;
-  // With a master copy the math updates the master; the param is its rounded image.
-  const Operand p = master ? operand(*master) : operand(param), g = operand(grad);
-  const Operand m = operand(exp_avg), v = operand(exp_avg_sq);
-  const Operand vmax = max_exp_avg_sq ? operand(*max_exp_avg_sq) : Operand{};
-  const Operand param_out = master ? operand(param) : Operand{};
-  const bool amsgrad = max_exp_avg_sq.has_value();
-  // All fp32 (no master): the math runs in place over a thread's whole range in one call; a
-  // call per 1024-element block cost ~8% at 16M elements (16K calls through the ifunc).
-  bool all_fp32 = !master;
-  for (const Operand* o : {&p, &g, &m, &v, &vmax}) all_fp32 &= o->dtype == at::kFloat;
-  dispatch_modes(config.weight_decay, amsgrad, [&](auto wd, auto ams) {
-    at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      float pb[kBlock], gb[kBlock], mb[kBlock], vb[kBlock], xb[kBlock];
-      for (int64_t lo = begin, len = 0; lo < end; lo += len) {
-        len = all_fp32 ? end - lo : std::min(kBlock, end - lo);
-        float* pf = p.fp32(lo, pb);
-        float* gf = g.fp32(lo, gb);
-        float* mf = m.fp32(lo, mb);
-        float* vf = v.fp32(lo, vb);
-        float* xf = ams() ? vmax.fp32(lo, xb) : nullptr;
-        p.load(lo, len, pb);
-        if (param_out.data) {  // the master, unless user code wrote the param (adam_math.h)
-          with_float_type(param_out.dtype, [&](auto tag) {
-            using T = std::decay_t<decltype(tag)>;
-            adopt_written(pf, static_cast<const T*>(param_out.data) + lo, len);
-          });
-        }
-        g.load(lo, len, gb);
-        m.load(lo, len, mb);
-        v.load(lo, len, vb);
-        if (ams()) vmax.load(lo, len, xb);
-        adam_fp32<wd(), ams()>(pf, gf, mf, vf, xf, len, config.scalars);
-        if (sr.on) {
-          store_bf16_stochastic(pf, static_cast<c10::BFloat16*>(p.data) + lo, len, sr.key,
-                                sr.index_base + lo);
-        } else {
-          p.store(lo, len, pf);
-        }
-        m.store(lo, len, mf);
-        v.store(lo, len, vf);
-        if (ams()) vmax.store(lo, len, xf);
-        if (param_out.data) param_out.store(lo, len, pf);
-      }
-    });
+}
+
+void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                   at::TensorList masters, const at::Tensor& hyper, at::IntArrayRef segments,
+                   bool stochastic, const std::optional<at::Tensor>& found_inf) {
+  const Buffers b{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters};
+  const std::vector<SegmentSpec> segs = check_launch(b, hyper, segments, stochastic, found_inf);
+  // "Device" scalars of CPU tensors are host memory: read them here.
+  if (segs.empty() || (found_inf && *found_inf->const_data_ptr<float>() != 0.0f)) return;
+  std::vector<Operands> ops;
+  for (size_t i = 0; i < params.size(); ++i) ops.push_back(operands(b, i));
+  const double* rows = hyper.const_data_ptr<double>();
+  const bool amsgrad = !max_exp_avg_sqs.empty();
+  // The segments' elements as one range [0, total): a thread's share may span many small
+  // segments (1000 params of 1-4K elements: a handful of tasks, not 1000).
+  std::vector<int64_t> prefix(segs.size() + 1, 0);
+  for (size_t k = 0; k < segs.size(); ++k) prefix[k + 1] = prefix[k] + segs[k].length;
+  at::parallel_for(0, prefix.back(), kGrain, [&](int64_t begin, int64_t end) {
+    size_t k = std::upper_bound(prefix.begin(), prefix.end(), begin) - prefix.begin() - 1;
+    for (; begin < end; ++k) {
+      const SegmentSpec& s = segs[k];
+      const int64_t stop = std::min(end, prefix[k + 1]);
+      const int64_t lo = s.start + (begin - prefix[k]);
+      const AdamHyper h = hyper_from_row(rows + s.row * kHyperFields);
+      dispatch_modes(weight_decay_mode(h), amsgrad, [&](auto wd, auto ams) {
+        step_range<wd(), ams()>(ops[s.buffer], h, stochastic, s.index_base - s.start, lo,
+                                lo + (stop - begin));
+      });
+      begin = stop;
+    }
   });
 }
 

@@ -1,4 +1,4 @@
-// CUDA kernel of `fused_adam::adam_step_`: one pass over a flat buffer.
+// CUDA kernel of `fused_adam::adam_step_`: one pass over a batch of segments per launch.
 //
 // Bytes per fp32 element: read p, g, m, v, write p, m, v = 28 B; ~20 flops, so the kernel is
 // memory-bound and only has to keep every param access 128 bits wide: a thread takes 16 bytes
@@ -6,7 +6,10 @@
 // registers, ptxas -v). Offsets are int64 (buffers pass 2**31 elements).
 // Each operand's dtype is a kernel argument, switched on per access: the branch is uniform across
 // the grid, so it costs nothing next to the memory traffic and keeps 12 kernels instead of one
-// per dtype combination. Built with --fmad=false: the only FMAs are the ones adam_math.h names,
+// per dtype combination. A launch takes up to kMaxSegments segments by value (torch's
+// multi_tensor_apply does the same): nothing to copy to the device, so a captured CUDA graph
+// replays it as is; a block finds its segment in that table (uniform loads from the constant
+// bank). Built with --fmad=false: the only FMAs are the ones adam_math.h names,
 // so the bits equal the CPU kernel's and the Triton kernel's.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -76,6 +79,11 @@ __device__ __forceinline__ void store_as(void* data, int64_t base, int64_t n, bo
   }
 }
 
+struct Operand {
+  void* data;
+  DType dtype;
+};
+
 template <int N>
 __device__ __forceinline__ void load(Operand o, int64_t base, int64_t n, bool vec,
                                      float (&out)[N]) {
@@ -99,94 +107,126 @@ __device__ __forceinline__ void store(Operand o, int64_t base, int64_t n, bool v
 // The param, bf16, stochastically rounded (adam_math.h).
 template <int N>
 __device__ __forceinline__ void store_stochastic(void* data, int64_t base, int64_t n, bool vec,
-                                                 const float (&in)[N], StochasticRounding sr) {
+                                                 const float (&in)[N], uint32_t key,
+                                                 int64_t index_base) {
   float bits[N];  // bf16 bit patterns, exact in fp32, so store_as<uint16_t> moves them as is
 #pragma unroll
-  for (int i = 0; i < N; ++i) bits[i] = bf16_stochastic(in[i], sr_bits(sr.key, sr.index_base + base + i));
+  for (int i = 0; i < N; ++i) bits[i] = bf16_stochastic(in[i], sr_bits(key, index_base + base + i));
   store_as<unsigned short, N>(data, base, n, vec, bits);
 }
 
+// 40 segments of 80 B and their first blocks: 3.4 KB, under the 4 KB of kernel arguments every
+// supported architecture takes.
+constexpr int kMaxSegments = 40;
+
+struct Batch {
+  Segment seg[kMaxSegments];
+  int32_t first_block[kMaxSegments + 1];  // segment k: blocks [first_block[k], first_block[k + 1])
+};
+
+// N elements per thread of one segment, from `base`.
 template <int N, WeightDecay wd, bool amsgrad>
-__global__ void __launch_bounds__(kThreads)
-    adam_kernel(AdamOperands o, bool vec, AdamScalars host, StochasticRounding sr) {
-  const int64_t n = o.numel;
-  const int64_t base = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * N;
-  if (base >= n) return;
-  // Decided and computed on the device (skip_nonfinite, GradScaler): no host sync.
-  if (o.found_inf && *o.found_inf != 0.0f) return;
-  AdamScalars s = host;
-  if (o.scalars) {
-    s.decay = o.scalars[0];
-    s.neg_step_size = o.scalars[1];
-    s.bc2_sqrt = o.scalars[2];
-  }
+__device__ __forceinline__ void step(const Segment& sg, int64_t base, const AdamHyper& h,
+                                     bool stochastic) {
+  const int64_t n = sg.numel;
+  const bool vec = sg.vec;
+  const Operand param{sg.data[0], sg.dtype[0]}, grad{sg.data[1], sg.dtype[1]};
+  const Operand exp_avg{sg.data[2], sg.dtype[2]}, exp_avg_sq{sg.data[3], sg.dtype[3]};
+  const Operand vmax{sg.data[4], sg.dtype[4]}, master{sg.data[5], sg.dtype[5]};
   // With a master copy the math updates the master; the param is its rounded image.
-  const Operand p = o.master.data ? o.master : o.param;
+  const Operand p = master.data ? master : param;
   float pf[N], gf[N], mf[N], vf[N], xf[N];
   load(p, base, n, vec, pf);
-  if (o.master.data) {
+  if (master.data) {
     float written[N];
-    load(o.param, base, n, vec, written);
+    load(param, base, n, vec, written);
 #pragma unroll
     for (int i = 0; i < N; ++i)
-      pf[i] = master_or_written(pf[i], rounded_to(pf[i], o.param.dtype), written[i]);
+      pf[i] = master_or_written(pf[i], rounded_to(pf[i], param.dtype), written[i]);
   }
-  load(o.grad, base, n, vec, gf);
-  if (o.clip_coef) {  // computed on the device: no host sync; g * coef, then adam_update's sign
-    const float coef = *o.clip_coef;
+  load(grad, base, n, vec, gf);
+  load(exp_avg, base, n, vec, mf);
+  load(exp_avg_sq, base, n, vec, vf);
+  if (amsgrad) load(vmax, base, n, vec, xf);
 #pragma unroll
-    for (int i = 0; i < N; ++i) gf[i] *= coef;
-  }
-  load(o.exp_avg, base, n, vec, mf);
-  load(o.exp_avg_sq, base, n, vec, vf);
-  if (amsgrad) load(o.max_exp_avg_sq, base, n, vec, xf);
-#pragma unroll
-  for (int i = 0; i < N; ++i) adam_update<wd, amsgrad>(pf[i], gf[i], mf[i], vf[i], xf[i], s);
-  if (sr.on) {
-    store_stochastic(p.data, base, n, vec, pf, sr);
+  for (int i = 0; i < N; ++i) adam_update<wd, amsgrad>(pf[i], gf[i], mf[i], vf[i], xf[i], h);
+  if (stochastic) {
+    store_stochastic(p.data, base, n, vec, pf, h.sr_key, sg.index_base);
   } else {
     store(p, base, n, vec, pf);
   }
-  store(o.exp_avg, base, n, vec, mf);
-  store(o.exp_avg_sq, base, n, vec, vf);
-  if (amsgrad) store(o.max_exp_avg_sq, base, n, vec, xf);
-  if (o.master.data) store(o.param, base, n, vec, pf);
+  store(exp_avg, base, n, vec, mf);
+  store(exp_avg_sq, base, n, vec, vf);
+  if (amsgrad) store(vmax, base, n, vec, xf);
+  if (master.data) store(param, base, n, vec, pf);
 }
 
-int element_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
-
-// Every present operand aligned for an N-element vector access of its own dtype.
-bool aligned(const AdamOperands& o, int n) {
-  for (const Operand* x : {&o.param, &o.grad, &o.exp_avg, &o.exp_avg_sq, &o.max_exp_avg_sq,
-                           &o.master}) {
-    if (x->data && reinterpret_cast<uintptr_t>(x->data) % (n * element_size(x->dtype)) != 0)
-      return false;
+template <int N, bool amsgrad>
+__global__ void __launch_bounds__(kThreads)
+    adam_kernel(const __grid_constant__ Batch batch, const double* rows, const float* found_inf,
+                bool stochastic) {
+  const int32_t block = static_cast<int32_t>(blockIdx.x);
+  int k = 0;
+  while (block >= batch.first_block[k + 1]) ++k;
+  const Segment& sg = batch.seg[k];
+  const int64_t base =
+      (static_cast<int64_t>(block - batch.first_block[k]) * kThreads + threadIdx.x) * N;
+  if (base >= sg.numel) return;
+  // Decided and computed on the device (skip_nonfinite, GradScaler): no host sync.
+  if (found_inf && *found_inf != 0.0f) return;
+  const AdamHyper h = hyper_from_row(rows + static_cast<int64_t>(sg.row) * kHyperFields);
+  switch (weight_decay_mode(h)) {  // uniform over the block: one row per segment
+    case WeightDecay::kNone: return step<N, WeightDecay::kNone, amsgrad>(sg, base, h, stochastic);
+    case WeightDecay::kL2: return step<N, WeightDecay::kL2, amsgrad>(sg, base, h, stochastic);
+    case WeightDecay::kDecoupled:
+      return step<N, WeightDecay::kDecoupled, amsgrad>(sg, base, h, stochastic);
   }
-  return true;
 }
 
 template <int N>
-cudaError_t launch(const AdamOperands& o, const AdamScalars& s, WeightDecay weight_decay,
-                   const StochasticRounding& sr, cudaStream_t stream) {
-  const int64_t per_block = static_cast<int64_t>(kThreads) * N;
-  const dim3 grid(static_cast<unsigned>((o.numel + per_block - 1) / per_block));
-  const bool vec = aligned(o, N);
-  dispatch_modes(weight_decay, o.max_exp_avg_sq.data != nullptr, [&](auto wd, auto amsgrad) {
-    adam_kernel<N, wd(), amsgrad()><<<grid, kThreads, 0, stream>>>(o, vec, s, sr);
-  });
-  return cudaGetLastError();
+cudaError_t launch(const Segment* segments, int64_t count, const double* rows,
+                   const float* found_inf, bool amsgrad, bool stochastic, cudaStream_t stream) {
+  constexpr int64_t kPerBlock = static_cast<int64_t>(kThreads) * N;
+  for (int64_t done = 0; done < count;) {
+    Batch batch;
+    int k = 0;
+    int64_t blocks = 0;
+    for (; k < kMaxSegments && done + k < count; ++k) {
+      const int64_t more = (segments[done + k].numel + kPerBlock - 1) / kPerBlock;
+      if (k > 0 && blocks + more > INT32_MAX) break;  // the grid's x limit is 2**31 - 1
+      batch.seg[k] = segments[done + k];
+      batch.first_block[k] = static_cast<int32_t>(blocks);
+      blocks += more;
+    }
+    batch.first_block[k] = static_cast<int32_t>(blocks);
+    for (int rest = k + 1; rest <= kMaxSegments; ++rest) batch.first_block[rest] = INT32_MAX;
+    if (amsgrad) {
+      adam_kernel<N, true><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          batch, rows, found_inf, stochastic);
+    } else {
+      adam_kernel<N, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          batch, rows, found_inf, stochastic);
+    }
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    done += k;
+  }
+  return cudaSuccess;
 }
 
 }  // namespace
 
-cudaError_t launch_adam_cuda(const AdamOperands& operands, const AdamScalars& scalars,
-                             WeightDecay weight_decay, const StochasticRounding& rounding,
+int vector_width(DType param) { return param == DType::kFloat32 ? 4 : 8; }
+
+cudaError_t launch_adam_cuda(const Segment* segments, int64_t count, const double* rows,
+                             const float* found_inf, bool amsgrad, bool stochastic,
                              cudaStream_t stream) {
-  if (operands.numel == 0) return cudaSuccess;
-  // 16 bytes of params per thread.
-  return element_size(operands.param.dtype) == 4
-             ? launch<4>(operands, scalars, weight_decay, rounding, stream)
-             : launch<8>(operands, scalars, weight_decay, rounding, stream);
+  if (count == 0) return cudaSuccess;
+  // 16 bytes of params per thread (the segments of one launch share the param dtype; another
+  // would still be right, with the width its `vec` flag was checked for).
+  return vector_width(segments[0].dtype[0]) == 4
+             ? launch<4>(segments, count, rows, found_inf, amsgrad, stochastic, stream)
+             : launch<8>(segments, count, rows, found_inf, amsgrad, stochastic, stream);
 }
 
 }  // namespace fused_adam

@@ -10,24 +10,31 @@
 
 namespace fused_adam {
 
-enum class DType : int { kFloat32, kFloat16, kBFloat16 };
+enum class DType : int8_t { kFloat32, kFloat16, kBFloat16 };
 
-struct Operand {
-  void* data;  // nullptr: absent (max_exp_avg_sq without amsgrad, master without master weights)
-  DType dtype;
-};
+// param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master: the order of a segment's operands.
+constexpr int kOperands = 6;
 
-struct AdamOperands {
-  Operand param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master;  // master: float32
-  const float* clip_coef;  // device scalar multiplying the grads, or nullptr
-  const float* scalars;    // device [decay, neg_step_size, bc2_sqrt] replacing AdamScalars', or nullptr
-  const float* found_inf;  // device scalar: nonzero skips the step, or nullptr
+// One segment, its pointers at its first element: nullptr for an absent operand (max_exp_avg_sq
+// without amsgrad, master without master weights; the master is float32).
+struct Segment {
+  void* data[kOperands];
   int64_t numel;
+  int64_t index_base;  // stochastic rounding keys element i on index_base + i
+  int32_t row;         // of the hyperparameter table
+  DType dtype[kOperands];
+  bool vec;            // every operand aligned for the kernel's vector width
 };
 
-// Enqueues one step over the operands on `stream` and returns the launch status.
-cudaError_t launch_adam_cuda(const AdamOperands& operands, const AdamScalars& scalars,
-                             WeightDecay weight_decay, const StochasticRounding& rounding,
+// Elements per thread for a param dtype: 16 bytes of params (a segment's `vec` means every
+// operand is aligned for that many elements of its own dtype).
+int vector_width(DType param);
+
+// Enqueues one step over `count` segments on `stream` (as few launches as the kernel's argument
+// space allows) and returns the launch status. `rows`: the device hyperparameter table, float64
+// [rows, kHyperFields]; `found_inf`: a device scalar, nonzero skips the step, or nullptr.
+cudaError_t launch_adam_cuda(const Segment* segments, int64_t count, const double* rows,
+                             const float* found_inf, bool amsgrad, bool stochastic,
                              cudaStream_t stream);
 
 }  // namespace fused_adam

@@ -20,26 +20,39 @@
 
 namespace fused_adam {
 
-// Stochastic rounding of a bf16 param (`on`): random bits keyed on (key, index_base + i).
-struct StochasticRounding {
-  bool on;
-  uint32_t key;        // hash of (seed, step), from the host
-  int64_t index_base;  // index of the buffer's first element in its flat buffer
-};
-
-// Host-computed scalars (double precision in Python, rounded to fp32 here as ATen rounds them).
-struct AdamScalars {
-  float grad_mult;        // -1 for maximize (exact: the bits of negation), else 1; times the
-                          // clip coefficient when clipping (torch: g * coef, then negation)
-  float decay;            // 1 - lr * weight_decay (decoupled)
-  float weight_decay;     // L2 coefficient (coupled)
+// One row of the hyperparameter table: one per (param group, step count), computed in double (on
+// the host as `_single_tensor_adam` computes them, or on the device from a device step count) and
+// rounded to fp32 here, as ATen rounds a Python scalar. The same fields in the same order as
+// fused_adam/functional.py's HYPER_FIELDS (tests/test_kernels_agree.py compares the two).
+struct AdamHyper {
+  float grad_mult;        // -1 for maximize (exact: the bits of negation), else 1; times the clip
+                          // coefficient and GradScaler's inverse scale (torch: g * c, then -g)
+  float decay;            // 1 - lr * weight_decay with decoupled weight decay, else 1
+  float weight_decay;     // the L2 coefficient (coupled weight decay), else 0
   float lerp_weight;      // 1 - beta1
   float beta2;
   float one_minus_beta2;
   float neg_step_size;    // -lr / bias_correction1
   float bc2_sqrt;         // sqrt(bias_correction2)
   float eps;
+  uint32_t sr_key;        // stochastic rounding: hash of (seed, step), an integer held exactly
 };
+constexpr int kHyperFields = 10;
+
+FA_HD AdamHyper hyper_from_row(const double* r) {
+  return {static_cast<float>(r[0]), static_cast<float>(r[1]), static_cast<float>(r[2]),
+          static_cast<float>(r[3]), static_cast<float>(r[4]), static_cast<float>(r[5]),
+          static_cast<float>(r[6]), static_cast<float>(r[7]), static_cast<float>(r[8]),
+          static_cast<uint32_t>(static_cast<int64_t>(r[9]))};
+}
+
+// One contiguous run of elements stepped with one row: elements [start, start + length) of the
+// operands of buffer `buffer`; stochastic rounding keys element i on index_base + i. The op takes
+// segments as a flat int list, these five fields each (functional.py's SEGMENT_FIELDS).
+struct SegmentSpec {
+  int64_t buffer, start, length, row, index_base;
+};
+constexpr int kSegmentFields = 5;
 
 // With a master copy the step reads the master, unless user code wrote the param since the last
 // step (model.load_state_dict, p.clamp_, an EMA swap): the param then no longer equals the
@@ -52,6 +65,14 @@ FA_HD float master_or_written(float master, float master_rounded, float param) {
 // Compile-time modes: with them as template arguments the CPU loop vectorizes (GCC 12 leaves
 // a loop with run-time branches around FMAs scalar: 3.5x slower, measured).
 enum class WeightDecay : int { kNone, kL2, kDecoupled };
+
+// A row's weight decay, as torch's `if weight_decay != 0` decides it: the two fields that carry
+// it are neutral (0 and 1) otherwise, so groups with and without decay share a launch.
+FA_HD WeightDecay weight_decay_mode(const AdamHyper& h) {
+  return h.weight_decay != 0.0f ? WeightDecay::kL2
+         : h.decay != 1.0f      ? WeightDecay::kDecoupled
+                                : WeightDecay::kNone;
+}
 
 // Calls fn(wd, amsgrad) with both as std::integral_constant.
 template <typename Fn>
@@ -139,7 +160,7 @@ FA_HD uint16_t bf16_stochastic(float x, uint32_t random) {
 
 // One element. `vmax` is read and written only when `amsgrad`.
 template <WeightDecay wd, bool amsgrad>
-FA_HD void adam_update(float& p, float g, float& m, float& v, float& vmax, const AdamScalars& s) {
+FA_HD void adam_update(float& p, float g, float& m, float& v, float& vmax, const AdamHyper& s) {
   g = g * s.grad_mult;
   if (wd == WeightDecay::kL2) g = fa_fma(p, s.weight_decay, g);
   if (wd == WeightDecay::kDecoupled) p = p * s.decay;

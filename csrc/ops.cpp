@@ -11,62 +11,73 @@ bool is_float_type(at::ScalarType t) {
 
 }  // namespace
 
-AdamConfig check_and_pack(const at::Tensor& param, const at::Tensor& grad,
-                          const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                          const std::optional<at::Tensor>& max_exp_avg_sq,
-                          const std::optional<at::Tensor>& master, double decay,
-                          double weight_decay, double lerp_weight, double beta2,
-                          double one_minus_beta2, double neg_step_size, double bc2_sqrt,
-                          double eps, bool maximize, bool decoupled,
-                          std::optional<int64_t> sr_key, int64_t index_base,
-                          const std::optional<at::Tensor>& clip_coef,
-                          const std::optional<at::Tensor>& device_scalars,
-                          const std::optional<at::Tensor>& found_inf) {
-  for (const auto& [t, n, name] : {std::tuple{&clip_coef, 1, "clip_coef"},
-                                   std::tuple{&device_scalars, 3, "device_scalars"},
-                                   std::tuple{&found_inf, 1, "found_inf"}}) {
-    TORCH_CHECK(!*t || ((*t)->numel() == n && (*t)->scalar_type() == at::kFloat &&
-                        (*t)->device() == param.device() && (*t)->is_contiguous()),
-                "fused_adam: ", name, " must be ", n, " float32 element(s) on the param's device");
+std::vector<SegmentSpec> check_launch(const Buffers& b, const at::Tensor& hyper,
+                                      at::IntArrayRef segments, bool stochastic,
+                                      const std::optional<at::Tensor>& found_inf) {
+  const size_t n = b.params.size();
+  for (const auto& [list, name] : {std::pair{&b.grads, "grads"}, {&b.exp_avgs, "exp_avgs"},
+                                   {&b.exp_avg_sqs, "exp_avg_sqs"}}) {
+    TORCH_CHECK(list->size() == n, "fused_adam: ", name, " must hold one tensor per param buffer");
   }
-  TORCH_CHECK(!sr_key || (param.scalar_type() == at::kBFloat16 && !master),
+  for (const auto& [list, name] : {std::pair{&b.max_exp_avg_sqs, "max_exp_avg_sqs"},
+                                   {&b.masters, "masters"}}) {
+    TORCH_CHECK(list->empty() || list->size() == n, "fused_adam: ", name,
+                " must be empty or hold one tensor per param buffer");
+  }
+  TORCH_CHECK(!stochastic || b.masters.empty(),
               "fused_adam: stochastic rounding applies to bfloat16 params without a master copy");
-  std::vector<const at::Tensor*> all = {&param, &grad, &exp_avg, &exp_avg_sq};
-  if (max_exp_avg_sq) all.push_back(&*max_exp_avg_sq);
-  if (master) {
-    TORCH_CHECK(master->scalar_type() == at::kFloat, "fused_adam: the master copy must be float32");
-    all.push_back(&*master);
+  const at::Device device = n ? b.params[0].device() : hyper.device();
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& param = b.params[i];
+    TORCH_CHECK(!stochastic || param.scalar_type() == at::kBFloat16,
+                "fused_adam: stochastic rounding applies to bfloat16 params");
+    std::vector<const at::Tensor*> all = {&param, &b.grads[i], &b.exp_avgs[i], &b.exp_avg_sqs[i]};
+    if (!b.max_exp_avg_sqs.empty()) all.push_back(&b.max_exp_avg_sqs[i]);
+    if (!b.masters.empty()) {
+      TORCH_CHECK(b.masters[i].scalar_type() == at::kFloat,
+                  "fused_adam: the master copy must be float32");
+      all.push_back(&b.masters[i]);
+    }
+    for (const at::Tensor* t : all) {
+      TORCH_CHECK(is_float_type(t->scalar_type()),
+                  "fused_adam: tensors must be float32, float16 or bfloat16, got ",
+                  t->scalar_type());
+      TORCH_CHECK(t->device() == device, "fused_adam: all tensors must be on ", device,
+                  ", got one on ", t->device());
+      TORCH_CHECK(t->numel() == param.numel(), "fused_adam: a buffer's tensors must have ",
+                  param.numel(), " elements, got ", t->numel());
+      TORCH_CHECK(t->is_contiguous(), "fused_adam: the kernels step contiguous buffers");
+    }
   }
-  for (const at::Tensor* t : all) {
-    TORCH_CHECK(is_float_type(t->scalar_type()),
-                "fused_adam: tensors must be float32, float16 or bfloat16, got ", t->scalar_type());
-    TORCH_CHECK(t->device() == param.device(), "fused_adam: all tensors must be on ",
-                param.device(), ", got one on ", t->device());
-    TORCH_CHECK(t->numel() == param.numel(), "fused_adam: all tensors must have ", param.numel(),
-                " elements, got ", t->numel());
-    TORCH_CHECK(t->is_contiguous(), "fused_adam: the kernels step contiguous buffers");
+  TORCH_CHECK(hyper.scalar_type() == at::kDouble && hyper.dim() == 2 &&
+                  hyper.size(1) == kHyperFields && hyper.is_contiguous(),
+              "fused_adam: hyper must be a contiguous float64 [rows, ", kHyperFields, "] table");
+  TORCH_CHECK(hyper.device() == device || hyper.device().is_cpu(),
+              "fused_adam: hyper must be on the params' device or the CPU");
+  TORCH_CHECK(!found_inf || (found_inf->numel() == 1 && found_inf->scalar_type() == at::kFloat &&
+                             found_inf->device() == device),
+              "fused_adam: found_inf must be one float32 element on the params' device");
+  TORCH_CHECK(segments.size() % kSegmentFields == 0, "fused_adam: segments must hold ",
+              kSegmentFields, " ints per segment");
+  std::vector<SegmentSpec> out;
+  out.reserve(segments.size() / kSegmentFields);
+  for (size_t k = 0; k < segments.size(); k += kSegmentFields) {
+    const SegmentSpec s{segments[k], segments[k + 1], segments[k + 2], segments[k + 3],
+                        segments[k + 4]};
+    TORCH_CHECK(s.buffer >= 0 && s.buffer < static_cast<int64_t>(n) && s.start >= 0 &&
+                    s.length >= 0 && s.start + s.length <= b.params[s.buffer].numel() &&
+                    s.row >= 0 && s.row < hyper.size(0),
+                "fused_adam: segment ", k / kSegmentFields, " is out of range");
+    if (s.length) out.push_back(s);
   }
-  const AdamScalars scalars{maximize ? -1.0f : 1.0f,          static_cast<float>(decay),
-                            static_cast<float>(weight_decay),   static_cast<float>(lerp_weight),
-                            static_cast<float>(beta2),          static_cast<float>(one_minus_beta2),
-                            static_cast<float>(neg_step_size),  static_cast<float>(bc2_sqrt),
-                            static_cast<float>(eps)};
-  const WeightDecay mode = weight_decay == 0.0 ? WeightDecay::kNone
-                           : decoupled         ? WeightDecay::kDecoupled
-                                               : WeightDecay::kL2;
-  const StochasticRounding rounding{sr_key.has_value(),
-                                    static_cast<uint32_t>(sr_key.value_or(0)), index_base};
-  return AdamConfig{scalars, mode, rounding};
+  return out;
 }
 
 }  // namespace fused_adam
 
 TORCH_LIBRARY(fused_adam, m) {
   m.def(
-      "adam_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
-      "Tensor(d!)? max_exp_avg_sq, Tensor(e!)? master, *, float decay, float weight_decay, "
-      "float lerp_weight, float beta2, float one_minus_beta2, float neg_step_size, "
-      "float bc2_sqrt, float eps, bool maximize, bool decoupled, int? sr_key=None, "
-      "int index_base=0, Tensor? clip_coef=None, Tensor? device_scalars=None, "
-      "Tensor? found_inf=None) -> ()");
+      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, "
+      "Tensor hyper, int[] segments, *, bool stochastic=False, Tensor? found_inf=None) -> ()");
 }

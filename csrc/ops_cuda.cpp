@@ -1,7 +1,8 @@
-// CUDA kernel registration of `fused_adam::adam_step_`: checks, then the raw-pointer launcher
-// of adam_cuda.cu on the current stream. Built only against a CUDA build of torch.
-#include <c10/cuda/CUDAStream.h>
+// CUDA kernel registration of `fused_adam::adam_step_`: checks, the segments' pointers, then the
+// raw-pointer launcher of adam_cuda.cu on the current stream. Built only against a CUDA build of
+// torch.
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "adam_cuda.h"
 #include "ops.h"
@@ -18,35 +19,40 @@ DType to_dtype(at::ScalarType t) {
   }
 }
 
-Operand operand(const at::Tensor& t) { return {t.data_ptr(), to_dtype(t.scalar_type())}; }
-
-void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
-                    const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
-                    const std::optional<at::Tensor>& master, double decay, double weight_decay,
-                    double lerp_weight, double beta2, double one_minus_beta2,
-                    double neg_step_size, double bc2_sqrt, double eps, bool maximize,
-                    bool decoupled, std::optional<int64_t> sr_key, int64_t index_base,
-                    const std::optional<at::Tensor>& clip_coef,
-                    const std::optional<at::Tensor>& device_scalars,
-                    const std::optional<at::Tensor>& found_inf) {
-  const AdamConfig config =
-      check_and_pack(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, decay, weight_decay,
-                     lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, maximize,
-                     decoupled, sr_key, index_base, clip_coef, device_scalars, found_inf);
-  const c10::cuda::CUDAGuard guard(param.device());
-  const Operand absent{nullptr, DType::kFloat32};
-  const AdamOperands operands{operand(param),
-                              operand(grad),
-                              operand(exp_avg),
-                              operand(exp_avg_sq),
-                              max_exp_avg_sq ? operand(*max_exp_avg_sq) : absent,
-                              master ? operand(*master) : absent,
-                              clip_coef ? clip_coef->const_data_ptr<float>() : nullptr,
-                              device_scalars ? device_scalars->const_data_ptr<float>() : nullptr,
-                              found_inf ? found_inf->const_data_ptr<float>() : nullptr,
-                              param.numel()};
-  const cudaError_t err = launch_adam_cuda(operands, config.scalars, config.weight_decay,
-                                           config.rounding, c10::cuda::getCurrentCUDAStream());
+void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                    at::TensorList masters, const at::Tensor& hyper, at::IntArrayRef segments,
+                    bool stochastic, const std::optional<at::Tensor>& found_inf) {
+  const Buffers b{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters};
+  const std::vector<SegmentSpec> specs = check_launch(b, hyper, segments, stochastic, found_inf);
+  if (specs.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  // Host rows go over once per launch (~1 KB; a copy the stream orders before the kernel).
+  const at::Tensor rows = hyper.to(params[0].device(), /*non_blocking=*/true);
+  const int width = vector_width(to_dtype(params[0].scalar_type()));
+  std::vector<Segment> segs(specs.size());
+  for (size_t k = 0; k < specs.size(); ++k) {
+    const SegmentSpec& s = specs[k];
+    const at::Tensor* tensors[kOperands] = {
+        &params[s.buffer], &grads[s.buffer], &exp_avgs[s.buffer], &exp_avg_sqs[s.buffer],
+        max_exp_avg_sqs.empty() ? nullptr : &max_exp_avg_sqs[s.buffer],
+        masters.empty() ? nullptr : &masters[s.buffer]};
+    Segment& sg = segs[k];
+    sg.numel = s.length;
+    sg.index_base = s.index_base;
+    sg.row = static_cast<int32_t>(s.row);
+    sg.vec = true;
+    for (int i = 0; i < kOperands; ++i) {
+      const at::Tensor* t = tensors[i];
+      sg.data[i] = t ? static_cast<char*>(t->data_ptr()) + s.start * t->element_size() : nullptr;
+      sg.dtype[i] = t ? to_dtype(t->scalar_type()) : DType::kFloat32;
+      if (t) sg.vec &= reinterpret_cast<uintptr_t>(sg.data[i]) % (width * t->element_size()) == 0;
+    }
+  }
+  const cudaError_t err = launch_adam_cuda(
+      segs.data(), static_cast<int64_t>(segs.size()), rows.const_data_ptr<double>(),
+      found_inf ? found_inf->const_data_ptr<float>() : nullptr, !max_exp_avg_sqs.empty(),
+      stochastic, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "fused_adam: CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 

@@ -6,6 +6,80 @@ import torch
 from . import backends
 
 
+# The hyperparameter record: one row per (param group, step count), float64, these fields in this
+# order; csrc/adam_math.h's AdamHyper has the same (tests/test_kernels_agree.py compares).
+# Kernels round each to fp32 as ATen rounds a Python scalar. Adding a float hyperparameter: a
+# field here and in AdamHyper, its use in adam_math.h, the Triton kernel and the torch backend.
+HYPER_FIELDS = ("grad_mult", "decay", "weight_decay", "lerp_weight", "beta2", "one_minus_beta2",
+                "neg_step_size", "bc2_sqrt", "eps", "sr_key")
+# A segment of a launch, as ints (csrc/adam_math.h's SegmentSpec): elements [start, start +
+# length) of buffer `buffer`'s operands, stepped with hyperparameter row `row`; stochastic
+# rounding keys element i of the segment on index_base + i.
+SEGMENT_FIELDS = ("buffer", "start", "length", "row", "index_base")
+# The fields a device step count or a tensor lr makes device values (the rest stay host constants).
+GRAD_MULT = HYPER_FIELDS.index("grad_mult")  # the clip coefficient and inverse scale go here
+_DEVICE_FIELDS = tuple(HYPER_FIELDS.index(f) for f in ("decay", "neg_step_size", "bc2_sqrt"))
+
+
+def hyper_row(*, step, lr, beta1, beta2, eps, weight_decay=0.0, decoupled_weight_decay=False,
+              maximize=False, bias_correction=True, stochastic_rounding_seed=None) -> list[float]:
+    """One row computed on the host in double, as `_single_tensor_adam` computes its scalars in
+    Python. Weight decay that does not apply leaves its fields neutral (decay 1, L2 0)."""
+    lr, beta1, beta2, weight_decay = float(lr), float(beta1), float(beta2), float(weight_decay)
+    decoupled = bool(decoupled_weight_decay)
+    bc1 = 1 - beta1**step if bias_correction else 1.0
+    bc2 = 1 - beta2**step if bias_correction else 1.0
+    key = 0 if stochastic_rounding_seed is None else sr_key(stochastic_rounding_seed, step)
+    return [-1.0 if maximize else 1.0, 1 - lr * weight_decay if decoupled else 1.0,
+            0.0 if decoupled else weight_decay, 1 - beta1, beta2, 1 - beta2, -(lr / bc1),
+            bc2**0.5, float(eps), float(key)]
+
+
+_CONSTANT_ROWS: dict[tuple, torch.Tensor] = {}
+
+
+def device_row(*, step: torch.Tensor, lr, beta1, beta2, eps, weight_decay=0.0,
+               decoupled_weight_decay=False, maximize=False, bias_correction=True) -> torch.Tensor:
+    """The row of a step count on the device (capturable, skip_nonfinite, GradScaler), with `lr`
+    a float or a device tensor: computed there in double with the host path's operations (pow,
+    division, sqrt), no host sync, nothing copied from the host (a CUDA graph captures it)."""
+    device = step.device
+    step = step.to(torch.float64)
+    const = hyper_row(step=1, lr=0.0, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                      decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+    # The constant fields as a device tensor, made once per value (outside any capture: the
+    # eager steps before one make it).
+    key = (device, *const)
+    base = _CONSTANT_ROWS.get(key)
+    if base is None:
+        if len(_CONSTANT_ROWS) > 256:  # a schedule of betas or eps: no unbounded growth
+            _CONSTANT_ROWS.clear()
+        base = _CONSTANT_ROWS[key] = torch.tensor(const, dtype=torch.float64, device=device)
+    if torch.is_tensor(lr):
+        lr = lr.to(device, torch.float64)
+    one = torch.ones_like(step)
+    bc1 = 1 - torch.pow(float(beta1), step) if bias_correction else one
+    bc2 = 1 - torch.pow(float(beta2), step) if bias_correction else one
+    decay = one * (1 - lr * float(weight_decay)) if decoupled_weight_decay else one
+    d, n, b = _DEVICE_FIELDS
+    return torch.cat([base[:d], decay[None], base[d + 1:n], (-(lr / bc1) * one)[None],
+                      bc2.sqrt()[None], base[b + 1:]])
+
+
+def step_segments_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, hyper,
+                   segments, *, stochastic=False, found_inf=None, backend="auto") -> None:
+    """One launch: every segment of `segments` (SEGMENT_FIELDS, flattened) over buffer lists
+    (max_exp_avg_sqs, masters: empty, or one tensor per buffer), each segment with its row of
+    `hyper` (float64 [rows, len(HYPER_FIELDS)], on the CPU or the buffers' device). `found_inf`
+    (a device scalar, nonzero: skip) is read by the kernel: no host sync."""
+    if not params:
+        return
+    backends.resolve(backend, params[0].device, params[0].dtype)(
+        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs),
+        list(masters), hyper, [int(x) for x in segments], stochastic=bool(stochastic),
+        found_inf=found_inf)
+
+
 def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                exp_avg_sq: torch.Tensor, max_exp_avg_sq: torch.Tensor | None = None,
                master: torch.Tensor | None = None, *,
@@ -28,42 +102,27 @@ def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     (nonzero: skip) nothing is written.
 
     `step` is the step count including this one (1 on the first step). The scalars are computed
-    once here in double precision, as `_single_tensor_adam` computes them in Python; kernels
-    receive them rounded to fp32, as ATen's ops do.
+    once in double precision, as `_single_tensor_adam` computes them in Python; kernels receive
+    them rounded to fp32, as ATen's ops do. One segment of `step_segments_`.
     """
-    beta1, beta2, weight_decay = float(beta1), float(beta2), float(weight_decay)
-    device_scalars = None
+    options = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                   decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
+                   bias_correction=bias_correction)
     if torch.is_tensor(step):  # a tensor lr stays a tensor: read on the device
         if stochastic_rounding_seed is not None:
             raise ValueError("stochastic rounding needs the step count on the host")
-        if torch.is_tensor(lr):
-            lr = lr.to(param.device, torch.float64)
-        device_scalars = _device_scalars(step.to(param.device, torch.float64), lr, beta1, beta2,
-                                         weight_decay, bias_correction)
-        decay = neg_step_size = bc2_sqrt = 0.0  # read from device_scalars
+        hyper = device_row(step=step.to(param.device), **options)[None]
     else:
-        lr = float(lr)
-        bc1 = 1 - beta1**step if bias_correction else 1.0
-        bc2 = 1 - beta2**step if bias_correction else 1.0
-        decay, neg_step_size, bc2_sqrt = 1 - lr * weight_decay, -(lr / bc1), bc2**0.5
-    backends.resolve(backend, param.device, param.dtype)(
-        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master,
-        decay=decay, weight_decay=weight_decay, lerp_weight=1 - beta1,
-        beta2=beta2, one_minus_beta2=1 - beta2, neg_step_size=neg_step_size,
-        bc2_sqrt=bc2_sqrt, eps=float(eps), maximize=bool(maximize),
-        decoupled=bool(decoupled_weight_decay),
-        sr_key=None if stochastic_rounding_seed is None else sr_key(stochastic_rounding_seed, step),
-        index_base=int(index_base), clip_coef=clip_coef, device_scalars=device_scalars,
-        found_inf=found_inf)
-
-
-def _device_scalars(step, lr, beta1, beta2, weight_decay, bias_correction) -> torch.Tensor:
-    """[decay, neg_step_size, bc2_sqrt] as fp32 on the step's device, computed there in double
-    with the same operations as the host path (pow, division, sqrt): no host sync."""
-    one = torch.ones_like(step)
-    bc1 = 1 - torch.pow(beta1, step) if bias_correction else one
-    bc2 = 1 - torch.pow(beta2, step) if bias_correction else one
-    return torch.stack([one * (1 - lr * weight_decay), -(lr / bc1), bc2.sqrt()]).float()
+        hyper = torch.tensor([hyper_row(step=step, stochastic_rounding_seed=stochastic_rounding_seed,
+                                        **options)], dtype=torch.float64)
+    if clip_coef is not None:
+        hyper = hyper.to(clip_coef.device, copy=True)
+        hyper[:, GRAD_MULT] *= clip_coef
+    step_segments_([param], [grad], [exp_avg], [exp_avg_sq],
+                   [] if max_exp_avg_sq is None else [max_exp_avg_sq],
+                   [] if master is None else [master], hyper, [0, 0, param.numel(), 0, index_base],
+                   stochastic=stochastic_rounding_seed is not None, found_inf=found_inf,
+                   backend=backend)
 
 
 def lowbias32(x: int) -> int:

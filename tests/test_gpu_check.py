@@ -114,11 +114,11 @@ def test_a_bad_cap_is_refused():
 
 
 def test_the_triton_kernel_does_not_specialize_per_step_arguments():
-    """sr_key changes every step, index_base every segment: specialized, they would compile new
-    variants mid-run (and sr_key == 1 fails to compile)."""
+    """row and index_base change every segment: specialized, they would compile new variants
+    mid-run (a value of 1 is specialized to a constant)."""
     triton_kernel = pytest.importorskip("fused_adam.backends.triton_kernel")
     unspecialized = {p.name for p in triton_kernel._adam_kernel.params if p.do_not_specialize}
-    assert {"sr_key", "index_base", "n_elements"} <= unspecialized
+    assert {"row", "index_base", "n_elements"} <= unspecialized
 
 
 def test_sanitizer_script_runs_every_kernel_here():

@@ -15,38 +15,29 @@ from triton.compiler import ASTSource  # noqa: E402
 from fused_adam.backends.triton_kernel import BLOCK, NUM_WARPS, _adam_kernel  # noqa: E402
 
 POINTERS = ("p_ptr", "g_ptr", "m_ptr", "v_ptr", "vmax_ptr", "w_ptr")
-SCALARS = ("decay", "weight_decay", "lerp_weight", "beta2", "one_minus_beta2", "neg_step_size",
-           "bc2_sqrt", "eps")
+# Weight decay, maximize and the clip coefficient come from the row at run time: only the
+# operands that exist and how the param is stored make variants.
 MODES = {
-    "plain": dict(MAXIMIZE=False, WEIGHT_DECAY=False, DECOUPLED=False, AMSGRAD=False, MASTER=False,
-                  STOCHASTIC=False),
-    "adamw-amsgrad": dict(MAXIMIZE=False, WEIGHT_DECAY=True, DECOUPLED=True, AMSGRAD=True,
-                          MASTER=False, STOCHASTIC=False),
-    "adam-l2-maximize": dict(MAXIMIZE=True, WEIGHT_DECAY=True, DECOUPLED=False, AMSGRAD=False,
-                             MASTER=False, STOCHASTIC=False),
+    "plain": dict(AMSGRAD=False, MASTER=False, STOCHASTIC=False),
+    "amsgrad": dict(AMSGRAD=True, MASTER=False, STOCHASTIC=False),
     # bf16 params and grads, fp32 states and master copy
-    "bf16-master": dict(MAXIMIZE=False, WEIGHT_DECAY=True, DECOUPLED=True, AMSGRAD=False,
-                        MASTER=True, STOCHASTIC=False),
-    # device-side scalars, clip coefficient and skip flag (skip_nonfinite, GradScaler)
-    "device-skip-clip": dict(MAXIMIZE=False, WEIGHT_DECAY=True, DECOUPLED=True, AMSGRAD=False,
-                             MASTER=False, STOCHASTIC=False, CLIP=True, DEVICE_SCALARS=True,
-                             SKIP=True),
+    "bf16-master": dict(AMSGRAD=False, MASTER=True, STOCHASTIC=False),
+    # the skip flag (skip_nonfinite, GradScaler)
+    "skip": dict(AMSGRAD=False, MASTER=False, STOCHASTIC=False, SKIP=True),
     # bf16 params and grads, fp32 states, params stochastically rounded
-    "bf16-stochastic": dict(MAXIMIZE=False, WEIGHT_DECAY=True, DECOUPLED=True, AMSGRAD=False,
-                            MASTER=False, STOCHASTIC=True),
+    "bf16-stochastic": dict(AMSGRAD=False, MASTER=False, STOCHASTIC=True),
 }
 BF16 = {"p_ptr", "g_ptr"}
 
 
 def _compile(arch, mode, pointer_types=None):
     names = _adam_kernel.arg_names
-    constexprs = dict(dict(CLIP=False, DEVICE_SCALARS=False, SKIP=False), **MODES[mode], BLOCK=BLOCK)
+    constexprs = dict(dict(SKIP=False), **MODES[mode], BLOCK=BLOCK)
     low = BF16 if MODES[mode]["MASTER"] or MODES[mode]["STOCHASTIC"] else set()
     signature = {n: "*bf16" if n in low else "*fp32" for n in POINTERS} | (pointer_types or {})
     # Ints as launched: i32 while their values fit (Triton types ints by value).
-    signature |= {"n_elements": "i32"} | {n: "fp32" for n in SCALARS}
-    signature |= {"sr_key": "i32", "index_base": "i32", "clip_ptr": "*fp32",
-                  "scalars_ptr": "*fp32", "found_ptr": "*fp32"}
+    signature |= {"n_elements": "i32", "hyper_ptr": "*fp64", "row": "i32", "index_base": "i32",
+                  "found_ptr": "*fp32"}
     signature |= {n: "constexpr" for n in constexprs}
     # What the launcher's specialization sees for flat buffers: 16-aligned pointers. The length is
     # not specialized (do_not_specialize): the kernel splits off its ragged tail itself.
@@ -103,8 +94,8 @@ def test_ptx_is_vectorized_and_exact(arch, mode, tmp_path):
     # one load per tensor read, one store per tensor written.
     tensors_read = 4 + MODES[mode]["AMSGRAD"] + MODES[mode]["MASTER"]  # p, g, m, v [, vmax] [, w]
     tensors_written = tensors_read - 1  # p, m, v [, vmax] [, w]
-    if MODES[mode].get("SKIP"):  # plus the device scalars (3), found_inf and clip (one per path)
-        tensors_read += 3 + 1 + 2
+    if MODES[mode].get("SKIP"):  # plus found_inf (the row's fields are float64 loads)
+        tensors_read += 1
     assert len(re.findall(r"ld\.global\.(?:nc\.)?(?:b16|b32|f32)\b", ptx)) == tensors_read
     assert len(re.findall(r"st\.global\.(?:b16|b32|f32)\b", ptx)) == tensors_written
     assert re.search(r"mul\.wide\.u32\s+%rd\d+, %r\d+, " + str(BLOCK), ptx), "offsets not 64-bit"
@@ -129,6 +120,6 @@ def test_every_dtype_combination_compiles_without_spills(types, tmp_path):
     p, g, m, v, master = types
     pointers = {"p_ptr": TYPES[p], "g_ptr": TYPES[g], "m_ptr": TYPES[m], "v_ptr": TYPES[v],
                 "vmax_ptr": TYPES[v], "w_ptr": "*fp32"}
-    mode = "bf16-master" if master else "adamw-amsgrad"
+    mode = "bf16-master" if master else "amsgrad"
     out = _ptxas_report(90, _compile(90, mode, pointers).asm["ptx"], tmp_path)
     assert "0 bytes spill stores, 0 bytes spill loads" in out and "0 bytes stack frame" in out, out

@@ -1,19 +1,19 @@
 """Backend registry: every backend module exposes the same two functions.
 
     unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None
-    adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, *, decay,
-               weight_decay, lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
-               maximize, decoupled, sr_key, index_base, clip_coef, device_scalars,
-               found_inf) -> None  # in place
+    adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, hyper, segments,
+               *, stochastic, found_inf) -> None  # in place
 
-Each tensor may be float32, bfloat16 or float16 independently (`master`, when given, is the
-fp32 copy of a low-precision param: the math updates it and the param gets its rounding).
-`sr_key` (a uint32, or None) asks for stochastic rounding of a bf16 param, with the random bits
-of element i keyed on (sr_key, index_base + i) as csrc/adam_math.h defines. `clip_coef` (a
-one-element fp32 tensor on the device, or None) multiplies the grads before anything else.
-`device_scalars` (fp32 [decay, neg_step_size, bc2_sqrt] on the device, or None) replaces those
-three arguments; `found_inf` (a device scalar, or None) skips the whole update when nonzero.
-Both are read by the kernel: no host sync.
+One call is one launch over segments of buffers (fused_adam/functional.py: SEGMENT_FIELDS,
+HYPER_FIELDS): buffer b's operands are params[b], grads[b], exp_avgs[b], exp_avg_sqs[b], and
+max_exp_avg_sqs[b] (amsgrad) and masters[b] (master weights) where those lists are not empty.
+Each tensor may be float32, bfloat16 or float16 independently (a master is the fp32 copy of a
+low-precision param: the math updates it and the param gets its rounding). `hyper` is the
+float64 hyperparameter table (on the CPU, or on the buffers' device when computed there);
+`segments` a flat list of ints, five per segment. `stochastic` rounds bf16 params stochastically
+with the random bits of element i of a segment keyed on (its row's sr_key, index_base + i) as
+csrc/adam_math.h defines. `found_inf` (a device scalar, or None) skips the whole update when
+nonzero, read by the kernel: no host sync.
 
 Names: "torch" (reference, any device), "triton" (CUDA; CPU under TRITON_INTERPRET=1), "cpu" and
 "cuda" (the compiled extension in csrc/, see fused_adam._ext).

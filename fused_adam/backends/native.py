@@ -18,13 +18,7 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, *, decay, weight_decay,
-               lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
-               maximize, decoupled, sr_key, index_base, clip_coef, device_scalars, found_inf):
-    torch.ops.fused_adam.adam_step_(
-        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, decay=decay,
-        weight_decay=weight_decay,
-        lerp_weight=lerp_weight, beta2=beta2, one_minus_beta2=one_minus_beta2,
-        neg_step_size=neg_step_size, bc2_sqrt=bc2_sqrt, eps=eps, maximize=maximize,
-        decoupled=decoupled, sr_key=sr_key, index_base=index_base, clip_coef=clip_coef,
-        device_scalars=device_scalars, found_inf=found_inf)
+def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, hyper, segments, *,
+               stochastic, found_inf):
+    torch.ops.fused_adam.adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters,
+                                    hyper, segments, stochastic=stochastic, found_inf=found_inf)

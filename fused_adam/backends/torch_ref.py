@@ -19,6 +19,8 @@ import threading
 
 import torch
 
+from ..functional import HYPER_FIELDS, SEGMENT_FIELDS
+
 _workspace = threading.local()
 # 2M elements: per chunk ~15 ops of ~5 us host time against ~3 ms of work on 2 cores (<3%); its
 # temporaries, 7 at most (fp32 working copies of every operand), take 56 MB.
@@ -42,27 +44,38 @@ def _scratch(like: torch.Tensor, slot: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[: like.numel()].view_as(like)
 
 
-def adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, *, index_base, **kwargs):
-    """The registry's interface. On CPU a long buffer is stepped in chunks of CHUNK elements: the
+def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, hyper, segments, *,
+               stochastic, found_inf):
+    """The registry's interface, segment by segment. Host rows arrive as Python floats (the ops
+    then take them as torch.optim's do); rows on a GPU, or in a compiled step, as 0-dim tensors,
+    read by the ops there: no host sync, no graph break. On CPU a long segment is stepped in chunks of CHUNK elements: the
     workspace then never holds more than 7 chunk-sized temporaries (~56 MB), whatever the size of
-    the largest buffer stepped so far (it held 1.28 GiB after one 128 MiB bf16 param)."""
-    tensors = (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master)
-    n = param.numel()
-    if param.device.type != "cpu" or n <= CHUNK or not all(
-            t is None or t.is_contiguous() for t in tensors):
-        return _step(*tensors, index_base=index_base, **kwargs)
-    flat = [None if t is None else t.view(-1) for t in tensors]
-    for start in range(0, n, CHUNK):
-        _step(*(None if t is None else t[start:start + CHUNK] for t in flat),
-              index_base=index_base + start, **kwargs)
+    the largest segment stepped so far (it held 1.28 GiB after one 128 MiB bf16 param)."""
+    rows = (hyper.tolist() if hyper.device.type == "cpu" and not torch.compiler.is_compiling()
+            else None)
+    if stochastic and rows is None:
+        raise ValueError("stochastic rounding needs the step count on the host")
+    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters)
+    width = len(SEGMENT_FIELDS)
+    for k in range(0, len(segments), width):
+        buffer, start, length, row, index_base = segments[k:k + width]
+        if not length:
+            continue
+        views = [lst[buffer].view(-1)[start:start + length] if lst else None for lst in lists]
+        work = torch.float64 if params[buffer].dtype == torch.float64 else torch.float32
+        values = rows[row] if rows is not None else hyper[row].to(work).unbind()
+        scalars = dict(zip(HYPER_FIELDS, values))
+        key = scalars.pop("sr_key")
+        key = int(key) if stochastic else None
+        step = length if views[0].device.type != "cpu" else CHUNK
+        for lo in range(0, length, step):
+            _step(*(None if v is None else v[lo:lo + step] for v in views), sr_key=key,
+                  index_base=index_base + lo, found_inf=found_inf, **scalars)
 
 
 def _step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, *, sr_key, index_base,
-          device_scalars, found_inf, **scalars):
-    """`scalars`: decay, weight_decay, lerp_weight, beta2, one_minus_beta2, neg_step_size,
-    bc2_sqrt, eps, maximize, decoupled, clip_coef."""
-    if device_scalars is not None:  # 0-dim device tensors: the ops below take them as they are
-        scalars["decay"], scalars["neg_step_size"], scalars["bc2_sqrt"] = device_scalars.unbind()
+          found_inf, **scalars):
+    """`scalars`: the row's fields (HYPER_FIELDS but sr_key), floats or 0-dim device tensors."""
     outputs = [t for t in (param, exp_avg, exp_avg_sq, max_exp_avg_sq, master) if t is not None]
     saved = None if found_inf is None else [t.clone() for t in outputs]
     _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, sr_key, index_base, scalars)
@@ -113,26 +126,32 @@ def _bf16_stochastic(x: torch.Tensor, key: int, index_base: int) -> torch.Tensor
     return torch.where(special, kept, (bits + (random & 0xFFFF)) >> 16).to(torch.int16)
 
 
-def _adam_ops(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, decay, weight_decay,
-              lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, maximize,
-              decoupled, clip_coef):
+def _adam_ops(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, grad_mult, decay,
+              weight_decay, lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps):
+    """torch.optim's ops. With device values (0-dim tensors) the ops that take only a number are
+    spelled out (one rounding each, as csrc/adam_math.h) and the weight-decay branches become
+    selects: the host cannot look at them without a sync."""
     tmp = _scratch(param, 0, param.dtype)
-    if clip_coef is not None:  # clip_grad_norm_'s in-place multiply, on a copy
-        grad = torch.mul(grad, clip_coef, out=tmp)
-    if maximize:
-        grad = torch.neg(grad, out=tmp)
-    if weight_decay != 0:
-        if decoupled:
-            param.mul_(decay)
-        else:
-            grad = torch.add(grad, param, alpha=weight_decay, out=tmp)
+    on_device = torch.is_tensor(eps)
+    if on_device or grad_mult != 1:  # clip_grad_norm_'s multiply, maximize's negation: exact
+        grad = torch.mul(grad, grad_mult, out=tmp)
+    if on_device:
+        grad = torch.where(weight_decay != 0, torch.addcmul(grad, param, weight_decay), grad)
+        param.mul_(decay)  # 1 without decoupled decay: exact
+    elif weight_decay != 0:
+        grad = torch.add(grad, param, alpha=weight_decay, out=tmp)
+    elif decay != 1:
+        param.mul_(decay)
     exp_avg.lerp_(grad, lerp_weight)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=one_minus_beta2)
+    if on_device:
+        exp_avg_sq.mul_(beta2).addcmul_(grad * one_minus_beta2, grad)
+    else:
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=one_minus_beta2)
     second = exp_avg_sq
     if max_exp_avg_sq is not None:
         second = torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
     denom = torch.sqrt(second, out=tmp).div_(bc2_sqrt).add_(eps)
-    if torch.is_tensor(neg_step_size):  # addcdiv_ takes a number: its op order, spelled out
+    if on_device:  # addcdiv_ takes a number: its op order, spelled out
         update = torch.mul(exp_avg, neg_step_size, out=_scratch(param, 6, param.dtype))
         param.add_(update.div_(denom))
     else:

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..functional import SEGMENT_FIELDS
 from . import KERNEL_DTYPES
 
 # 1024 elements per program at 4 warps = 8 fp32 per thread = two 128-bit loads per tensor per
@@ -27,17 +28,13 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _adam_math(p, g, m, v, vmax, decay, weight_decay, lerp_weight, beta2, one_minus_beta2,
-               neg_step_size, bc2_sqrt, eps, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-               DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr):
-    """fp32 in, fp32 out; the op order of torch.optim's `_single_tensor_adam`."""
-    if MAXIMIZE:
-        g = -g
-    if WEIGHT_DECAY:
-        if DECOUPLED:
-            p = p * decay
-        else:
-            g = tl.fma(p, weight_decay, g)
+def _adam_math(p, g, m, v, vmax, grad_mult, decay, weight_decay, lerp_weight, beta2,
+               one_minus_beta2, neg_step_size, bc2_sqrt, eps, AMSGRAD: tl.constexpr):
+    """fp32 in, fp32 out; the op order of torch.optim's `_single_tensor_adam`. Weight decay that
+    does not apply has neutral fields (csrc/adam_math.h): selected, as torch's branches."""
+    g = g * grad_mult
+    g = tl.where(weight_decay != 0, tl.fma(p, weight_decay, g), g)
+    p = tl.where(decay != 1, p * decay, p)
     # torch's lerp: start + w*(end-start) for |w| < 0.5, else end + (w-1)*(end-start), one FMA.
     small = lerp_weight < 0.5
     m = tl.fma(tl.where(small, lerp_weight, lerp_weight - 1.0), g - m, tl.where(small, m, g))
@@ -75,12 +72,21 @@ def _bf16_stochastic(p, key, index):
 
 
 @triton.jit
-def _step_elements(offs, mask, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, decay, weight_decay,
-                   lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, sr_key,
-                   index_base, clip_ptr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-                   DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
-                   STOCHASTIC: tl.constexpr, CLIP: tl.constexpr):
-    """Load, step and store the elements `offs` where `mask`."""
+def _step_elements(offs, mask, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, hyper_ptr, row,
+                   index_base, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
+                   STOCHASTIC: tl.constexpr):
+    """Load, step and store the elements `offs` where `mask`, with row `row` of the table."""
+    # The row (fused_adam/functional.py HYPER_FIELDS), double, rounded to fp32 as ATen rounds.
+    h = hyper_ptr + row.to(tl.int64) * 10
+    grad_mult = tl.load(h).to(tl.float32)
+    decay = tl.load(h + 1).to(tl.float32)
+    weight_decay = tl.load(h + 2).to(tl.float32)
+    lerp_weight = tl.load(h + 3).to(tl.float32)
+    beta2 = tl.load(h + 4).to(tl.float32)
+    one_minus_beta2 = tl.load(h + 5).to(tl.float32)
+    neg_step_size = tl.load(h + 6).to(tl.float32)
+    bc2_sqrt = tl.load(h + 7).to(tl.float32)
+    eps = tl.load(h + 8).to(tl.float32)
     # With a master copy (w, fp32) the math updates the master; the param is its rounded image,
     # unless user code wrote the param since: that write wins (csrc/adam_math.h).
     if MASTER:
@@ -90,20 +96,18 @@ def _step_elements(offs, mask, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, deca
     else:
         p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-    if CLIP:  # the clip coefficient, computed on the device: no host sync
-        g = g * tl.load(clip_ptr)
     m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
     vmax = v
     if AMSGRAD:
         vmax = tl.load(vmax_ptr + offs, mask=mask).to(tl.float32)
-    p, m, v, vmax = _adam_math(p, g, m, v, vmax, decay, weight_decay, lerp_weight, beta2,
-                               one_minus_beta2, neg_step_size, bc2_sqrt, eps, MAXIMIZE,
-                               WEIGHT_DECAY, DECOUPLED, AMSGRAD)
+    p, m, v, vmax = _adam_math(p, g, m, v, vmax, grad_mult, decay, weight_decay, lerp_weight,
+                               beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, AMSGRAD)
     if MASTER:
         tl.store(w_ptr + offs, p, mask=mask)
     if STOCHASTIC:
-        bits = _bf16_stochastic(p, sr_key.to(tl.uint32), index_base + offs)
+        key = tl.load(h + 9).to(tl.int64).to(tl.uint32)
+        bits = _bf16_stochastic(p, key, index_base + offs)
         tl.store(p_ptr.to(tl.pointer_type(tl.uint16)) + offs, bits, mask=mask)
     else:
         tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
@@ -113,46 +117,27 @@ def _step_elements(offs, mask, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, deca
         tl.store(vmax_ptr + offs, vmax.to(vmax_ptr.dtype.element_ty), mask=mask)
 
 
-# sr_key changes every step and index_base every segment: specialized (== 1, % 16) they would
-# compile new variants mid-run (sr_key == 1 even fails to compile: `'int' object has no attribute
-# 'to'`). n_elements is not specialized either: the kernel finds its aligned body itself.
-@triton.jit(do_not_specialize=["n_elements", "sr_key", "index_base"])
-def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, n_elements, decay, weight_decay,
-                 lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, sr_key,
-                 index_base, clip_ptr, scalars_ptr, found_ptr, MAXIMIZE: tl.constexpr,
-                 WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-                 MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, CLIP: tl.constexpr,
-                 DEVICE_SCALARS: tl.constexpr, SKIP: tl.constexpr, BLOCK: tl.constexpr):
+# row and index_base change every segment: specialized (== 1, % 16) they would compile new
+# variants mid-run. n_elements is not specialized either: the kernel finds its aligned body itself.
+@triton.jit(do_not_specialize=["n_elements", "row", "index_base"])
+def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, n_elements, hyper_ptr, row,
+                 index_base, found_ptr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
+                 STOCHASTIC: tl.constexpr, SKIP: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: flat buffers pass 2**31 elements
     if SKIP:  # found_inf, decided on the device: every load and store masked off
         n_elements = tl.where(tl.load(found_ptr) == 0, n_elements, 0)
-    if DEVICE_SCALARS:  # computed on the device from the device step count
-        decay = tl.load(scalars_ptr)
-        neg_step_size = tl.load(scalars_ptr + 1)
-        bc2_sqrt = tl.load(scalars_ptr + 2)
     # 128-bit accesses need a mask that is constant over runs of 16 elements: the body, n rounded
     # down to a multiple of 16, has one; the ragged tail (< 16 elements, e.g. a functional call
     # on a 4099-element tensor) is stepped by the last program, element by element. Without the
     # split such a length makes every access of the launch scalar.
     body = tl.multiple_of(n_elements // 16 * 16, 16)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
-    _step_elements(offs, offs < body, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, decay,
-                   weight_decay, lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt,
-                   eps, sr_key, index_base, clip_ptr, MAXIMIZE, WEIGHT_DECAY, DECOUPLED, AMSGRAD,
-                   MASTER, STOCHASTIC, CLIP)
+    _step_elements(offs, offs < body, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, hyper_ptr, row,
+                   index_base, AMSGRAD, MASTER, STOCHASTIC)
     if pid == tl.num_programs(0) - 1:
         tail = body.to(tl.int64) + tl.arange(0, 16)  # int64, as the body's offsets
         _step_elements(tail, tail < n_elements, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr,
-                       decay, weight_decay, lerp_weight, beta2, one_minus_beta2, neg_step_size,
-                       bc2_sqrt, eps, sr_key, index_base, clip_ptr, MAXIMIZE, WEIGHT_DECAY,
-                       DECOUPLED, AMSGRAD, MASTER, STOCHASTIC, CLIP)
-
-
-def _as_int32(key: int) -> int:
-    """A uint32 key as the int32 of the same bits. Triton types an int argument i32 or i64 by its
-    value even where it does not specialize it: a uint32 passed as is would switch variants
-    between steps (keys >= 2**31); the kernel's `.to(tl.uint32)` restores the bits."""
-    return key - (1 << 32) if key >= 1 << 31 else key
+                       hyper_ptr, row, index_base, AMSGRAD, MASTER, STOCHASTIC)
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -169,37 +154,33 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return f"Triton does not run on {device.type} tensors"
 
 
-def adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, *, sr_key, **scalars):
-    """The registry's interface (fused_adam/backends/__init__.py)."""
-    if sr_key is not None and (param.dtype != torch.bfloat16 or master is not None):
-        raise ValueError("stochastic rounding applies to bfloat16 params without a master copy")
-    tensors = tuple(t for t in (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master)
-                    if t is not None)
-    if not all(t.is_contiguous() and t.numel() == param.numel() for t in tensors):
-        raise ValueError("the triton backend steps contiguous buffers of equal size")
-    n = param.numel()
-    if n == 0:
+def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, hyper, segments, *,
+               stochastic, found_inf):
+    """The registry's interface (fused_adam/backends/__init__.py): one launch per segment (the
+    kernel does not read a segment table yet), the rows read on the device."""
+    if not params:
         return
-    amsgrad = max_exp_avg_sq is not None
+    if stochastic and (params[0].dtype != torch.bfloat16 or masters):
+        raise ValueError("stochastic rounding applies to bfloat16 params without a master copy")
+    for lst in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters):
+        if not all(t.is_contiguous() and t.numel() == p.numel() for t, p in zip(lst, params)):
+            raise ValueError("the triton backend steps contiguous buffers of equal size")
+    device = params[0].device
+    hyper = hyper.to(device)  # host rows: one copy per launch
     # Triton launches on the current device; torch's fused ops follow the tensors' device.
-    guard = (torch.cuda.device(param.device) if param.is_cuda and param.device.index !=
+    guard = (torch.cuda.device(device) if device.type == "cuda" and device.index !=
              torch.cuda.current_device() else contextlib.nullcontext())
+    width = len(SEGMENT_FIELDS)
     with guard:
-        _launch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, n, amsgrad, sr_key=sr_key,
-                **scalars)
-
-
-def _launch(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, n, amsgrad, *, decay,
-            weight_decay, lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
-            maximize, decoupled, sr_key, index_base, clip_coef, device_scalars, found_inf):
-    _adam_kernel[(triton.cdiv(n, BLOCK),)](
-        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else exp_avg_sq,
-        param if master is None else master, n,
-        decay, weight_decay, lerp_weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
-        _as_int32(sr_key or 0), index_base, param if clip_coef is None else clip_coef,
-        param if device_scalars is None else device_scalars,
-        param if found_inf is None else found_inf,
-        MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0, DECOUPLED=decoupled, AMSGRAD=amsgrad,
-        MASTER=master is not None, STOCHASTIC=sr_key is not None, CLIP=clip_coef is not None,
-        DEVICE_SCALARS=device_scalars is not None, SKIP=found_inf is not None, BLOCK=BLOCK,
-        num_warps=NUM_WARPS, enable_fp_fusion=False)
+        for k in range(0, len(segments), width):
+            buffer, start, length, row, index_base = segments[k:k + width]
+            if not length:
+                continue
+            p, g, m, v, vmax, w = (lst[buffer].view(-1)[start:start + length] if lst else None
+                                   for lst in (params, grads, exp_avgs, exp_avg_sqs,
+                                               max_exp_avg_sqs, masters))
+            _adam_kernel[(triton.cdiv(length, BLOCK),)](
+                p, g, m, v, v if vmax is None else vmax, p if w is None else w, length, hyper, row,
+                index_base, p if found_inf is None else found_inf, AMSGRAD=vmax is not None,
+                MASTER=w is not None, STOCHASTIC=stochastic, SKIP=found_inf is not None,
+                BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
