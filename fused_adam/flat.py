@@ -496,28 +496,29 @@ class FlatBuffer:
                     self._init_state(i, state)
             self.all_initialized = all(self.initialized)
         return active
-    def launch(self, active, step_fn, clip_coef=None, found_inf=None) -> None:
-        """Count the step, then one `step_fn` call per run (see _runs). With `found_inf` (a
-        device scalar, nonzero to skip) the step counts only where it is zero, on the device."""
+    def begin(self, active, found_inf=None) -> list[tuple[int, int, object]]:
+        """Count the step and return the spans to update as (start, end, step count): a float,
+        or a 0-dim device tensor with device step counts. With `found_inf` (a device scalar,
+        nonzero to skip) the step counts only where it is zero, on the device. External params
+        are copied in here: `end` copies them back after the update."""
         if active == []:  # only states were adopted
-            return
+            return []
         if self.external:  # copied in just before the update (a param sharing their storage
             # may have stepped since, as may a checkpoint load have written the shard)
             torch._foreach_copy_([self.views["param"][i] for i in self.external],
                                  [_local(self.params[i]) for i in self.external])
         self._count_step(active, found_inf)
-        m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
-        vmax, master = self.state.get("max_exp_avg_sq"), self.state.get(MASTER_KEY)
-        rounding = {} if self.may_round_stochastically else {"stochastic_rounding_seed": None}
-        skip = {} if found_inf is None else {"found_inf": found_inf}
         steps = self.steps if self.device_steps else self.steps.tolist()
-        whole = (self.param, self.grad_now, m, v, vmax, master)
-        for start, end, first in self._runs(active, self.history if self.device_steps else steps):
-            # (slicing six tensors costs ~5 us of host time: not for the usual whole-buffer run)
-            operands = whole if end - start == self.total else [
-                None if t is None else t[start:end] for t in whole]
-            step_fn(*operands, step=steps[first], index_base=start, clip_coef=clip_coef,
-                    **rounding, **skip)
+        return [(start, end, steps[first]) for start, end, first in
+                self._runs(active, self.history if self.device_steps else steps)]
+
+    def operands(self) -> tuple:
+        """The launch's operands: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master (the
+        last two None when absent)."""
+        return (self.param, self.grad_now, self.state["exp_avg"], self.state["exp_avg_sq"],
+                self.state.get("max_exp_avg_sq"), self.state.get(MASTER_KEY))
+
+    def end(self) -> None:
         if self.external:
             torch._foreach_copy_([_local(self.params[i]) for i in self.external],
                                  [self.views["param"][i] for i in self.external])

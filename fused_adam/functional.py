@@ -48,13 +48,16 @@ def device_row(*, step: torch.Tensor, lr, beta1, beta2, eps, weight_decay=0.0,
     const = hyper_row(step=1, lr=0.0, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                       decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
     # The constant fields as a device tensor, made once per value (outside any capture: the
-    # eager steps before one make it).
-    key = (device, *const)
-    base = _CONSTANT_ROWS.get(key)
-    if base is None:
-        if len(_CONSTANT_ROWS) > 256:  # a schedule of betas or eps: no unbounded growth
-            _CONSTANT_ROWS.clear()
-        base = _CONSTANT_ROWS[key] = torch.tensor(const, dtype=torch.float64, device=device)
+    # eager steps before one make it); a compiled step has them as constants of its graph.
+    if torch.compiler.is_compiling():
+        base = torch.tensor(const, dtype=torch.float64, device=device)
+    else:
+        key = (str(device), *const)
+        base = _CONSTANT_ROWS.get(key)
+        if base is None:
+            if len(_CONSTANT_ROWS) > 256:  # a schedule of betas or eps: no unbounded growth
+                _CONSTANT_ROWS.clear()
+            base = _CONSTANT_ROWS[key] = torch.tensor(const, dtype=torch.float64, device=device)
     if torch.is_tensor(lr):
         lr = lr.to(device, torch.float64)
     one = torch.ones_like(step)
@@ -78,6 +81,68 @@ def step_segments_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs),
         list(masters), hyper, [int(x) for x in segments], stochastic=bool(stochastic),
         found_inf=found_inf)
+
+
+class Launch:
+    """The segments of one launch, gathered buffer by buffer across param groups, then stepped
+    by one backend call: one row per (group, step count) on the host, one per span with a step
+    count on the device; a group's grad multiplier (clip coefficient, GradScaler's inverse
+    scale) multiplies its rows' grad_mult."""
+
+    def __init__(self, backend_fn, stochastic: bool):
+        self.backend_fn, self.stochastic = backend_fn, stochastic
+        self.lists: tuple[list, ...] = ([], [], [], [], [], [])
+        self.segments: list[int] = []
+        self.rows: list = []  # host rows (lists of floats) or device rows (tensors)
+        self.multipliers: list = []  # per row: None or the group's multiplier tensor
+        self._row_of: dict[tuple, int] = {}
+
+    def add(self, operands, spans, options: dict, multiplier=None) -> None:
+        """`operands` of one buffer (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master),
+        its spans (start, end, step count) with the group's `options` (hyper_row's keywords)."""
+        buffer = len(self.lists[0])
+        for lst, t in zip(self.lists, operands):
+            if t is not None:
+                lst.append(t)
+        for start, end, step in spans:
+            key = None if torch.is_tensor(step) else (id(options), step)
+            row = self._row_of.get(key)
+            if row is None:
+                row = len(self.rows)
+                if key is None:  # (stochastic rounding needs host step counts)
+                    self.rows.append(device_row(step=step, **{
+                        k: v for k, v in options.items() if k != "stochastic_rounding_seed"}))
+                else:
+                    self.rows.append(hyper_row(step=step, **options))
+                    self._row_of[key] = row
+                self.multipliers.append(multiplier)
+            self.segments += (buffer, start, end - start, row, start)
+
+    def table(self, device: torch.device) -> torch.Tensor:
+        """The hyperparameter table: on the host when every row and multiplier is, else on
+        `device`."""
+        on_device = [torch.is_tensor(r) for r in self.rows]
+        host = [r for r, d in zip(self.rows, on_device) if not d]
+        if not any(on_device) and all(m is None or m.device.type == "cpu" for m in self.multipliers):
+            table = torch.tensor(host, dtype=torch.float64)
+        else:
+            moved = iter(torch.tensor(host, dtype=torch.float64).to(device)) if host else None
+            table = torch.stack([r if d else next(moved) for r, d in zip(self.rows, on_device)])
+        start = 0
+        for end in range(1, len(self.rows) + 1):  # runs of rows with one multiplier
+            if end == len(self.rows) or self.multipliers[end] is not self.multipliers[start]:
+                if self.multipliers[start] is not None:
+                    table[start:end, GRAD_MULT] *= self.multipliers[start].to(table.device)
+                start = end
+        return table
+
+    def run(self, found_inf=None) -> None:
+        if not self.segments:
+            return
+        params = self.lists[0]
+        self.backend_fn(*self.lists, self.table(params[0].device), self.segments,
+                        stochastic=self.stochastic,
+                        found_inf=None if found_inf is None else found_inf.to(params[0].device))
 
 
 def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,

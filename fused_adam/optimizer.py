@@ -1,12 +1,12 @@
 """FusedAdam / FusedAdamW: the torch.optim.Optimizer API over flat buffers.
 
 This layer validates arguments (torch's exceptions and messages), owns param_groups, state and
-state_dict (torch's layout), and turns each group into one `adam_step_` call per flat buffer.
-It never touches a kernel.
+state_dict (torch's layout), and turns a step into one backend call per kind of buffer (device,
+dtypes, operands), across param groups: each group's hyperparameters are rows of its table. It
+never touches a kernel.
 """
 from __future__ import annotations
 
-import functools
 import numbers
 import operator
 
@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from . import backends
 from .flat import GroupBuffers, Layout, Watch, buffer_key, clip_coefficient, nonfinite
-from .functional import adam_step_
+from .functional import Launch
 
 
 class FusedAdam(Optimizer):
@@ -199,24 +199,16 @@ class FusedAdam(Optimizer):
         if not torch.compiler.is_compiling() and (len(self.state) != len(values) or not all(
                 map(operator.is_, self.state.values(), values))):
             self._watch.dirty = True
-        updates = []  # (group, step_fn, [(buffer, prepare)])
+        updates = []  # (group, [(buffer, prepare)])
         for group, group_buffers in zip(self.param_groups, self._layout):
-            beta1, beta2 = group["betas"]
-            step_fn = functools.partial(
-                adam_step_, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                decoupled_weight_decay=group["decoupled_weight_decay"],
-                maximize=group["maximize"], bias_correction=group["bias_correction"],
-                stochastic_rounding_seed=group["seed"] if group["stochastic_rounding"] else None,
-                backend=group["backend"])
             todo = []
             for buf in group_buffers.buffers:
                 prepare = buf.plan(self.state)
                 if prepare is not None:
                     self._check_backend(group["backend"], buf.device, buf.dtype)
                     todo.append((buf, prepare))
-            updates.append((group, step_fn, todo))
-        prepared = [[(buf, prepare()) for buf, prepare in todo] for _, _, todo in updates]
+            updates.append((group, todo))
+        prepared = [[(buf, prepare()) for buf, prepare in todo] for _, todo in updates]
         if not torch.compiler.is_compiling():  # every buffer has compared and adopted
             self._watch.dirty = False
             self.__dict__["_state_values"] = list(self.state.values())
@@ -231,16 +223,41 @@ class FusedAdam(Optimizer):
             if counted is None or counted.device != found_inf.device:
                 counted = torch.zeros((), device=found_inf.device)
             self.__dict__["_skipped_steps"] = counted + found_inf
-        for (group, step_fn, _), group_prepared in zip(updates, prepared):
+        # One launch per (backend, device, operand dtypes, operands present, rounding), across
+        # groups: lr, betas, eps and weight decay are rows of its table, not launches.
+        launches: dict[tuple, Launch] = {}
+        for (group, _), group_prepared in zip(updates, prepared):
             multiplier = None
             if group["max_grad_norm"] is not None:
                 multiplier = clip_coefficient(group_prepared, group["max_grad_norm"], grad_scale)
             if grad_scale is not None:
                 inverse = grad_scale.double().reciprocal().float()
                 multiplier = inverse if multiplier is None else multiplier * inverse.to(multiplier.device)
+            beta1, beta2 = group["betas"]
+            options = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                           weight_decay=group["weight_decay"],
+                           decoupled_weight_decay=group["decoupled_weight_decay"],
+                           maximize=group["maximize"], bias_correction=group["bias_correction"],
+                           stochastic_rounding_seed=group["seed"] if group["stochastic_rounding"]
+                           else None)
             for buf, active in group_prepared:
-                buf.launch(active, step_fn, None if multiplier is None else multiplier.to(buf.device),
-                           None if found_inf is None else found_inf.to(buf.device))
+                spans = buf.begin(active, None if found_inf is None else found_inf.to(buf.device))
+                operands = buf.operands()
+                stochastic = bool(group["stochastic_rounding"] and buf.may_round_stochastically)
+                fn = backends.resolve(group["backend"], buf.device, buf.dtype)
+                # (strings: a compiled step traces this dict, whose keys dynamo must guard on)
+                key = (group["backend"], str(buf.device), stochastic,
+                       *(str(None if t is None else t.dtype) for t in operands))
+                if buf.external:  # stepped now, in order: a param sharing their storage
+                    launch = Launch(fn, stochastic)  # may step next and must see this update
+                    launch.add(operands, spans, options, multiplier)
+                    launch.run(found_inf)
+                    buf.end()
+                    continue
+                launches.setdefault(key, Launch(fn, stochastic)).add(operands, spans, options,
+                                                                     multiplier)
+        for launch in launches.values():
+            launch.run(found_inf)
         return loss
 
     @property
