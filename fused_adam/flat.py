@@ -234,6 +234,9 @@ class FlatBuffer:
         # Stochastic rounding (when the group asks) applies to bf16 params without a master.
         self.may_round_stochastically = (self.dtype == torch.bfloat16
                                          and MASTER_KEY not in self.state_dtypes)
+        # Buffers of one kind share a launch (the optimizer's key; a string: a compiled step
+        # traces the dict keyed on it, and dynamo guards on its keys).
+        self.kind = f"{self.device}/{self.dtype}/{'/'.join(self.state_dtypes)}"
         # torch's `step`: fp32, on the CPU; on the param's device when the step must be skipped
         # without a host sync (skip_nonfinite, GradScaler), as torch's fused/capturable keep it.
         self.device_steps = layout.device_steps

@@ -199,16 +199,21 @@ class FusedAdam(Optimizer):
         if not torch.compiler.is_compiling() and (len(self.state) != len(values) or not all(
                 map(operator.is_, self.state.values(), values))):
             self._watch.dirty = True
-        updates = []  # (group, [(buffer, prepare)])
+        updates = []  # (group, [(buffer, prepare, backend function)])
+        resolved = {}  # per step: FUSED_ADAM_BACKEND is read once, not per buffer
         for group, group_buffers in zip(self.param_groups, self._layout):
             todo = []
             for buf in group_buffers.buffers:
                 prepare = buf.plan(self.state)
                 if prepare is not None:
-                    self._check_backend(group["backend"], buf.device, buf.dtype)
-                    todo.append((buf, prepare))
+                    key = (group["backend"], buf.kind)
+                    fn = resolved.get(key)
+                    if fn is None:  # raises, with the reason, when the backend can't run
+                        fn = resolved[key] = backends.resolve(group["backend"], buf.device,
+                                                              buf.dtype)
+                    todo.append((buf, prepare, fn))
             updates.append((group, todo))
-        prepared = [[(buf, prepare()) for buf, prepare in todo] for _, todo in updates]
+        prepared = [[(buf, prepare()) for buf, prepare, _ in todo] for _, todo in updates]
         if not torch.compiler.is_compiling():  # every buffer has compared and adopted
             self._watch.dirty = False
             self.__dict__["_state_values"] = list(self.state.values())
@@ -226,7 +231,7 @@ class FusedAdam(Optimizer):
         # One launch per (backend, device, operand dtypes, operands present, rounding), across
         # groups: lr, betas, eps and weight decay are rows of its table, not launches.
         launches: dict[tuple, Launch] = {}
-        for (group, _), group_prepared in zip(updates, prepared):
+        for (group, todo), group_prepared in zip(updates, prepared):
             multiplier = None
             if group["max_grad_norm"] is not None:
                 multiplier = clip_coefficient(group_prepared, group["max_grad_norm"], grad_scale)
@@ -240,22 +245,20 @@ class FusedAdam(Optimizer):
                            maximize=group["maximize"], bias_correction=group["bias_correction"],
                            stochastic_rounding_seed=group["seed"] if group["stochastic_rounding"]
                            else None)
-            for buf, active in group_prepared:
+            for (buf, active), (_, _, fn) in zip(group_prepared, todo):
                 spans = buf.begin(active, None if found_inf is None else found_inf.to(buf.device))
-                operands = buf.operands()
                 stochastic = bool(group["stochastic_rounding"] and buf.may_round_stochastically)
-                fn = backends.resolve(group["backend"], buf.device, buf.dtype)
-                # (strings: a compiled step traces this dict, whose keys dynamo must guard on)
-                key = (group["backend"], str(buf.device), stochastic,
-                       *(str(None if t is None else t.dtype) for t in operands))
                 if buf.external:  # stepped now, in order: a param sharing their storage
                     launch = Launch(fn, stochastic)  # may step next and must see this update
-                    launch.add(operands, spans, options, multiplier)
+                    launch.add(buf.operands(), spans, options, multiplier)
                     launch.run(found_inf)
                     buf.end()
                     continue
-                launches.setdefault(key, Launch(fn, stochastic)).add(operands, spans, options,
-                                                                     multiplier)
+                key = (group["backend"], buf.kind, stochastic)
+                launch = launches.get(key)
+                if launch is None:
+                    launch = launches[key] = Launch(fn, stochastic)
+                launch.add(buf.operands(), spans, options, multiplier)
         for launch in launches.values():
             launch.run(found_inf)
         return loss

@@ -93,3 +93,62 @@ def test_cpu_kernel_matches_reference_on_mixed_dtypes(dtypes):
     for name, a, b in zip(NAMES, *results):
         eps = torch.finfo(a.dtype).eps
         torch.testing.assert_close(a, b, rtol=2 * eps, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def _table_case(gen, dtypes):
+    """Two buffers, seven segments: odd starts (misaligned), odd lengths, an empty one, three rows
+    (Adam with L2 and maximize; AdamW; no decay) at three step counts, one row used twice."""
+    from fused_adam.functional import hyper_row
+    buffers = [_inputs(dtypes, gen) for _ in range(2)]
+    rows = [hyper_row(step=3, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+                      maximize=True),
+            hyper_row(step=1, lr=3e-3, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.05,
+                      decoupled_weight_decay=True),
+            hyper_row(step=11, lr=2e-2, beta1=0.95, beta2=0.9, eps=1e-7, bias_correction=False)]
+    segments = [(0, 0, 1024, 0, 0), (0, 1024, 1, 1, 1024), (0, 1025, 3, 2, 1025),
+                (0, 1028, 0, 1, 1028), (0, 1031, N - 1031, 0, 1031), (1, 5, 2000, 2, 5),
+                (1, 2005, 1, 1, 2005)]
+    return buffers, torch.tensor(rows, dtype=torch.float64), segments
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cpu", "cuda"])
+@pytest.mark.parametrize("dtypes", [DTYPES[0], DTYPES[3]], ids=["float32", "bf16-master"])
+def test_a_segment_table_steps_as_its_segments_one_by_one(backend, dtypes):
+    """One launch over a table equals each segment stepped alone with its row (bit for bit), and
+    the CPU kernel's bits (Triton under the interpreter too); elements outside every segment are
+    untouched."""
+    from fused_adam.functional import step_segments_
+    device = _device(backend)
+    if backend not in fused_adam.available_backends(device, dtypes[0]):
+        pytest.skip(f"{backend} is not available here")
+    buffers, hyper, segments = _table_case(torch.Generator().manual_seed(2), dtypes)
+    with_master = dtypes[4]
+
+    def lists(bufs):
+        return ([b[0] for b in bufs], [b[1] for b in bufs], [b[2] for b in bufs],
+                [b[3] for b in bufs], [b[4] for b in bufs], [b[5] for b in bufs] if with_master else [])
+
+    together = [[t.to(device, copy=True) for t in b] for b in buffers]
+    step_segments_(*lists(together), hyper, [x for s in segments for x in s], backend=backend)
+    alone = [[t.to(device, copy=True) for t in b] for b in buffers]
+    for s in segments:
+        step_segments_(*lists(alone), hyper, list(s), backend=backend)
+    covered = torch.zeros(2, N, dtype=torch.bool)
+    for b, start, length, _, _ in segments:
+        covered[b, start:start + length] = True
+    for b in range(2):
+        for name, a, c, before in zip(NAMES, together[b], alone[b], buffers[b]):
+            if name == "master" and not with_master:
+                continue
+            assert torch.equal(a.cpu(), c.cpu()), f"buffer {b} {name}"
+            if name != "grad":
+                assert torch.equal(a.cpu()[~covered[b]], before[~covered[b]]), f"{name} outside"
+                assert not torch.equal(a.cpu()[covered[b]], before[covered[b]]), f"{name} not stepped"
+    truncates = INTERPRET and INTERPRETER_TRUNCATES_BF16 and BF16 in dtypes  # see above
+    if backend != "cpu" and not truncates and "cpu" in fused_adam.available_backends("cpu"):
+        on_cpu = [[t.clone() for t in b] for b in buffers]
+        step_segments_(*lists(on_cpu), hyper, [x for s in segments for x in s], backend="cpu")
+        for b in range(2):
+            for name, a, c in zip(NAMES, together[b], on_cpu[b]):
+                assert torch.equal(a.cpu(), c), f"buffer {b} {name}: {backend} vs cpu"

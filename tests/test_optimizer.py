@@ -185,3 +185,31 @@ def test_closure_named_params_and_hooks():
     sd = opt.state_dict()
     assert sd["param_groups"][0]["param_names"] == ["weight", "bias"]
     assert set(sd["state"]) == {0, 1} and float(sd["state"][0]["step"]) == 5.0
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_param_groups_share_one_launch(device, backend):
+    """24 groups of different lr, betas, eps, weight decay and maximize (layer-wise decay), some
+    params joining late: one backend call a step for all of them, each group as torch steps it."""
+    from torch.profiler import profile
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(int(n),) for n in torch.randint(1, 300, (72,), generator=gen)]
+    params = make_params(shapes, device)
+    ref_params = clone_params(params)
+
+    def groups(ps):
+        return [dict(params=ps[3 * i:3 * i + 3], lr=1e-2 * 0.9**i, betas=(0.9 - 0.01 * i, 0.999),
+                     eps=10.0**-(6 + i % 3), weight_decay=0.02 * (i % 4), maximize=i % 5 == 0)
+                for i in range(24)]
+    opt = FusedAdamW(groups(params), backend=backend)
+    ref = torch.optim.AdamW(groups(ref_params), foreach=False)
+    for step in range(4):
+        # the last group's params get grads from the third step on: other step counts
+        set_grads(params, ref_params, step, skip=range(69, 72) if step < 2 else ())
+        with profile() as prof:
+            opt.step()
+        ref.step()
+        if backend == "cpu":  # (the torch backend loops over segments; Triton launches each)
+            calls = [e.count for e in prof.key_averages() if e.key == "fused_adam::adam_step_"]
+            assert calls == [1], calls
+    assert_optimizers_match(opt, ref, backend)
