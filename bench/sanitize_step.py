@@ -9,7 +9,8 @@ few ulps of each stored dtype, the kernels' correctly rounded sqrt against torch
 elements just outside each view (guards poisoned with NaN) must be untouched: memcheck sees reads
 past a whole allocation (gpu-check turns torch's caching allocator off for this), the guards see
 stray writes next to a view. Sizes and offsets are the outer loops, so a run cut short has covered
-every dtype and mode at the smallest sizes.
+every dtype and mode at the smallest sizes. Last, one launch over a segment table of 67
+segments per dtype (the CUDA kernel takes 40 a launch).
 
     python bench/sanitize_step.py [--device cuda|cpu]
 """
@@ -75,6 +76,26 @@ def _run(backend, n, offset, dtypes, mode, device):
     return [(buf.cpu(), offset, n) for buf, _ in views]
 
 
+def _run_table(backend, dtypes, device):
+    """One launch over 67 segments of two guarded buffers (odd starts and lengths, an empty
+    segment, three rows; more segments than a CUDA launch takes): the table path's bounds."""
+    from fused_adam.functional import hyper_row, step_segments_
+    n, gen = 4099, torch.Generator().manual_seed(5)
+    buffers = [_views(n, 3, dtypes, device, gen) for _ in range(2)]
+    rows = torch.tensor([hyper_row(step=s, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                                   weight_decay=wd, decoupled_weight_decay=d,
+                                   stochastic_rounding_seed=7 if dtypes[4] else None)
+                         for s, wd, d in ((1, 0.0, False), (3, 0.1, True), (9, 0.1, False))],
+                        dtype=torch.float64)
+    segments = [(0, 0, 1024, 0, 0), (0, 1025, 3, 2, 1025), (0, 1028, 0, 1, 1028),
+                (0, 1031, n - 1031, 1, 1031), (1, 5, 2000, 2, 5)]
+    segments += [(1, 2010 + 4 * k, 1 + k % 3, k % 3, 2010 + 4 * k) for k in range(62)]
+    lists = [[b[i][1] for b in buffers] for i in range(6)]
+    step_segments_(*lists[:5], lists[5] if dtypes[3] else [], rows,
+                   [x for s in segments for x in s], stochastic=dtypes[4], backend=backend)
+    return [(buf.cpu(), 3, n) for b in buffers for buf, _ in b]
+
+
 def _mismatches(ours, ref, dtypes):
     """Names of the tensors that differ from the reference or were written outside their view."""
     names = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")
@@ -109,6 +130,17 @@ def main(argv=None) -> int:
                 failures += [f"{backend} n={n} offset={offset} dtypes={dtypes} mode={mode}: {name}"
                              for name in _mismatches(ours, ref, dtypes)]
         print(f"n={n} offset={offset}: {cases} cases so far, {len(failures)} failures", flush=True)
+    for dtypes in DTYPES:  # a segment table, against the reference's
+        ref = _run_table("torch", dtypes, torch.device("cpu"))
+        for backend in kernels:
+            ours = _run_table(backend, dtypes, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            cases += 1
+            failures += [f"{backend} segment table dtypes={dtypes}: {name}"
+                         for name in _mismatches(ours[:6], ref[:6], dtypes)]
+            failures += [f"{backend} segment table dtypes={dtypes}: {name} (buffer 1)"
+                         for name in _mismatches(ours[6:], ref[6:], dtypes)]
     print(f"{cases} cases, {len(failures)} failures", flush=True)
     for line in failures[:20]:
         print("FAILED", line)

@@ -96,7 +96,7 @@ def test_cpu_kernel_matches_reference_on_mixed_dtypes(dtypes):
 
 
 def _table_case(gen, dtypes):
-    """Two buffers, seven segments: odd starts (misaligned), odd lengths, an empty one, three rows
+    """Two buffers, 67 segments: odd starts (misaligned), odd lengths, an empty one, three rows
     (Adam with L2 and maximize; AdamW; no decay) at three step counts, one row used twice."""
     from fused_adam.functional import hyper_row
     buffers = [_inputs(dtypes, gen) for _ in range(2)]
@@ -108,6 +108,8 @@ def _table_case(gen, dtypes):
     segments = [(0, 0, 1024, 0, 0), (0, 1024, 1, 1, 1024), (0, 1025, 3, 2, 1025),
                 (0, 1028, 0, 1, 1028), (0, 1031, N - 1031, 0, 1031), (1, 5, 2000, 2, 5),
                 (1, 2005, 1, 1, 2005)]
+    # and 60 more of 1-3 elements: past the 40 a CUDA launch takes, so the table spans launches
+    segments += [(1, 2010 + 4 * k, 1 + k % 3, k % 3, 2010 + 4 * k) for k in range(60)]
     return buffers, torch.tensor(rows, dtype=torch.float64), segments
 
 
