@@ -109,7 +109,7 @@ def test_storage_replaced_after_construction(device, backend, replace):
     opt = FusedAdamW(model.parameters(), lr=1e-2, backend=backend)
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=False)
     for m, o in ((model, opt), (ref_model, ref)):
-        _train(m, o, 3, ZERO_GRADS["opt.zero_grad()"])
+        _train(m, o, 3, ZERO_GRADS["opt.zero_grad()"], device=device)
         with torch.no_grad():
             if replace == "p.data = clone":
                 for p in m.parameters():
