@@ -14,7 +14,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from fused_adam.backends.triton_kernel import BLOCK, NUM_WARPS, _adam_kernel  # noqa: E402
 
-POINTERS = ("p_ptr", "g_ptr", "m_ptr", "v_ptr", "vmax_ptr", "w_ptr")
+POINTERS = ("p_base", "g_base", "m_base", "v_base", "vmax_base", "w_base")
 # Weight decay, maximize and the clip coefficient come from the row at run time: only the
 # operands that exist and how the param is stored make variants.
 MODES = {
@@ -27,20 +27,20 @@ MODES = {
     # bf16 params and grads, fp32 states, params stochastically rounded
     "bf16-stochastic": dict(AMSGRAD=False, MASTER=False, STOCHASTIC=True),
 }
-BF16 = {"p_ptr", "g_ptr"}
+BF16 = {"p_base", "g_base"}
 
 
 def _compile(arch, mode, pointer_types=None):
     names = _adam_kernel.arg_names
-    constexprs = dict(dict(SKIP=False), **MODES[mode], BLOCK=BLOCK)
+    constexprs = dict(dict(SKIP=False), **MODES[mode], ALIGNED=True, BLOCK=BLOCK)
     low = BF16 if MODES[mode]["MASTER"] or MODES[mode]["STOCHASTIC"] else set()
     signature = {n: "*bf16" if n in low else "*fp32" for n in POINTERS} | (pointer_types or {})
     # Ints as launched: i32 while their values fit (Triton types ints by value).
-    signature |= {"n_elements": "i32", "hyper_ptr": "*fp64", "row": "i32", "index_base": "i32",
+    signature |= {"table_ptr": "*i64", "n_segments": "i32", "hyper_ptr": "*fp64",
                   "found_ptr": "*fp32"}
     signature |= {n: "constexpr" for n in constexprs}
-    # What the launcher's specialization sees for flat buffers: 16-aligned pointers. The length is
-    # not specialized (do_not_specialize): the kernel splits off its ragged tail itself.
+    # What the launcher's specialization sees for flat buffers: 16-aligned base pointers. The
+    # segments' pointers come from the table: ALIGNED (the launcher checked them) hints them.
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in POINTERS}
     src = ASTSource(_adam_kernel, signature,
                     constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
@@ -98,7 +98,9 @@ def test_ptx_is_vectorized_and_exact(arch, mode, tmp_path):
         tensors_read += 1
     assert len(re.findall(r"ld\.global\.(?:nc\.)?(?:b16|b32|f32)\b", ptx)) == tensors_read
     assert len(re.findall(r"st\.global\.(?:b16|b32|f32)\b", ptx)) == tensors_written
-    assert re.search(r"mul\.wide\.u32\s+%rd\d+, %r\d+, " + str(BLOCK), ptx), "offsets not 64-bit"
+    # the program's block within its segment, times BLOCK, in 64 bits
+    assert re.search(r"shl\.b64\s+%rd\d+, %rd\d+, " + str(BLOCK.bit_length() - 1) + ";", ptx), \
+        "offsets not 64-bit"
     assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx
     assert ".local" not in ptx
     out = _ptxas_report(arch, ptx, tmp_path)
@@ -118,8 +120,8 @@ COMBINATIONS = [  # (param, grad, exp_avg, exp_avg_sq, master copy)
     [str(t).split(".")[1] for t in c[:4]] + (["master"] if c[4] else [])))
 def test_every_dtype_combination_compiles_without_spills(types, tmp_path):
     p, g, m, v, master = types
-    pointers = {"p_ptr": TYPES[p], "g_ptr": TYPES[g], "m_ptr": TYPES[m], "v_ptr": TYPES[v],
-                "vmax_ptr": TYPES[v], "w_ptr": "*fp32"}
+    pointers = {"p_base": TYPES[p], "g_base": TYPES[g], "m_base": TYPES[m], "v_base": TYPES[v],
+                "vmax_base": TYPES[v], "w_base": "*fp32"}
     mode = "bf16-master" if master else "amsgrad"
     out = _ptxas_report(90, _compile(90, mode, pointers).asm["ptx"], tmp_path)
     assert "0 bytes spill stores, 0 bytes spill loads" in out and "0 bytes stack frame" in out, out

@@ -117,25 +117,56 @@ def _step_elements(offs, mask, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, hype
         tl.store(vmax_ptr + offs, vmax.to(vmax_ptr.dtype.element_ty), mask=mask)
 
 
-# row and index_base change every segment: specialized (== 1, % 16) they would compile new
-# variants mid-run. n_elements is not specialized either: the kernel finds its aligned body itself.
-@triton.jit(do_not_specialize=["n_elements", "row", "index_base"])
-def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, n_elements, hyper_ptr, row,
-                 index_base, found_ptr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
-                 STOCHASTIC: tl.constexpr, SKIP: tl.constexpr, BLOCK: tl.constexpr):
+# The launcher's segment table, int64, one row per segment: each operand's offset from its base
+# argument in elements (p, g, m, v, vmax, w), then length, row, index_base and first program.
+_COLUMNS = tl.constexpr(10)
+
+
+@triton.jit(do_not_specialize=["n_segments"])
+def _adam_kernel(p_base, g_base, m_base, v_base, vmax_base, w_base, table_ptr, n_segments,
+                 hyper_ptr, found_ptr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
+                 STOCHASTIC: tl.constexpr, SKIP: tl.constexpr, ALIGNED: tl.constexpr,
+                 BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: flat buffers pass 2**31 elements
+    # This program's segment: the last one whose first program is <= pid (binary search).
+    lo = pid * 0
+    hi = lo + n_segments
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        ahead = tl.load(table_ptr + mid * _COLUMNS + 9) <= pid
+        lo = tl.where(ahead, mid, lo)
+        hi = tl.where(ahead, hi, mid)
+    seg = table_ptr + lo * _COLUMNS
+    length = tl.load(seg + 6)
+    row = tl.load(seg + 7)
+    index_base = tl.load(seg + 8)
+    block = pid - tl.load(seg + 9)
+    p_ptr = p_base + tl.load(seg)
+    g_ptr = g_base + tl.load(seg + 1)
+    m_ptr = m_base + tl.load(seg + 2)
+    v_ptr = v_base + tl.load(seg + 3)
+    vmax_ptr = vmax_base + tl.load(seg + 4)
+    w_ptr = w_base + tl.load(seg + 5)
+    if ALIGNED:  # every operand of every segment starts 16-byte aligned (the launcher checked)
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+        vmax_ptr = tl.multiple_of(vmax_ptr, 16)
+        w_ptr = tl.multiple_of(w_ptr, 16)
+    n_elements = length
     if SKIP:  # found_inf, decided on the device: every load and store masked off
-        n_elements = tl.where(tl.load(found_ptr) == 0, n_elements, 0)
+        n_elements = tl.where(tl.load(found_ptr) == 0, length, 0)
     # 128-bit accesses need a mask that is constant over runs of 16 elements: the body, n rounded
     # down to a multiple of 16, has one; the ragged tail (< 16 elements, e.g. a functional call
-    # on a 4099-element tensor) is stepped by the last program, element by element. Without the
-    # split such a length makes every access of the launch scalar.
+    # on a 4099-element tensor) is stepped by the segment's last program, element by element.
+    # Without the split such a length makes every access of the launch scalar.
     body = tl.multiple_of(n_elements // 16 * 16, 16)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    offs = block * BLOCK + tl.arange(0, BLOCK)
     _step_elements(offs, offs < body, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, hyper_ptr, row,
                    index_base, AMSGRAD, MASTER, STOCHASTIC)
-    if pid == tl.num_programs(0) - 1:
-        tail = body.to(tl.int64) + tl.arange(0, 16)  # int64, as the body's offsets
+    if block == (length + BLOCK - 1) // BLOCK - 1:
+        tail = body + tl.arange(0, 16)
         _step_elements(tail, tail < n_elements, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr,
                        hyper_ptr, row, index_base, AMSGRAD, MASTER, STOCHASTIC)
 
@@ -156,31 +187,77 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, hyper, segments, *,
                stochastic, found_inf):
-    """The registry's interface (fused_adam/backends/__init__.py): one launch per segment (the
-    kernel does not read a segment table yet), the rows read on the device."""
+    """The registry's interface (fused_adam/backends/__init__.py): one launch per set of operand
+    dtypes (the kernel's pointer types), over a segment table; under torch.compile one per buffer
+    (the table then holds offsets into that buffer only: no data_ptr, which dynamo cannot trace)."""
     if not params:
         return
     if stochastic and (params[0].dtype != torch.bfloat16 or masters):
         raise ValueError("stochastic rounding applies to bfloat16 params without a master copy")
-    for lst in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters):
+    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters)
+    for lst in lists:
         if not all(t.is_contiguous() and t.numel() == p.numel() for t, p in zip(lst, params)):
             raise ValueError("the triton backend steps contiguous buffers of equal size")
     device = params[0].device
     hyper = hyper.to(device)  # host rows: one copy per launch
+    compiling = torch.compiler.is_compiling()
+    width = len(SEGMENT_FIELDS)
+    launches: dict[object, list] = {}
+    for k in range(0, len(segments), width):
+        segment = segments[k:k + width]
+        if segment[2]:
+            buffer = segment[0]
+            key = buffer if compiling else tuple(str(lst[buffer].dtype) for lst in lists if lst)
+            launches.setdefault(key, []).append(segment)
     # Triton launches on the current device; torch's fused ops follow the tensors' device.
     guard = (torch.cuda.device(device) if device.type == "cuda" and device.index !=
              torch.cuda.current_device() else contextlib.nullcontext())
-    width = len(SEGMENT_FIELDS)
     with guard:
-        for k in range(0, len(segments), width):
-            buffer, start, length, row, index_base = segments[k:k + width]
-            if not length:
+        for launch in launches.values():
+            _launch(lists, launch, hyper, stochastic, found_inf, compiling)
+
+
+def _launch(lists, segments, hyper, stochastic, found_inf, compiling):
+    """One kernel over `segments`: operands addressed from the first segment's buffer (every
+    allocation is in one address space, so another buffer is an offset from it)."""
+    first = segments[0][0]
+    bases = [lst[first] if lst else None for lst in lists]
+    rows, programs, aligned = [], 0, not compiling
+    for buffer, start, length, row, index_base in segments:
+        offsets = []
+        for lst, base in zip(lists, bases):
+            if base is None:
+                offsets.append(0)
                 continue
-            p, g, m, v, vmax, w = (lst[buffer].view(-1)[start:start + length] if lst else None
-                                   for lst in (params, grads, exp_avgs, exp_avg_sqs,
-                                               max_exp_avg_sqs, masters))
-            _adam_kernel[(triton.cdiv(length, BLOCK),)](
-                p, g, m, v, v if vmax is None else vmax, p if w is None else w, length, hyper, row,
-                index_base, p if found_inf is None else found_inf, AMSGRAD=vmax is not None,
-                MASTER=w is not None, STOCHASTIC=stochastic, SKIP=found_inf is not None,
-                BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+            t = lst[buffer]
+            offset = start if buffer == first else (
+                start + (t.data_ptr() - base.data_ptr()) // t.element_size())
+            offsets.append(offset)
+            if aligned:
+                aligned = (base.data_ptr() + offset * t.element_size()) % 16 == 0
+        rows.append((*offsets, length, row, index_base, programs))
+        programs += triton.cdiv(length, BLOCK)
+    table = _table(rows, hyper.device, compiling)
+    p = bases[0]
+    _adam_kernel[(programs,)](
+        *(p if base is None else base for base in bases), table, len(rows), hyper,
+        p if found_inf is None else found_inf, AMSGRAD=bases[4] is not None,
+        MASTER=bases[5] is not None, STOCHASTIC=stochastic, SKIP=found_inf is not None,
+        ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+
+_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def _table(rows, device, compiling) -> torch.Tensor:
+    """The segment table on the device, made once per layout: a step whose table is the last
+    one's copies nothing (a CUDA graph captures the kernel reading the kept table)."""
+    if compiling or device.type == "cpu":
+        return torch.tensor(rows, dtype=torch.int64, device=device)
+    key = (str(device), *rows)
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) >= 64:  # layouts come and go (re-packs, functional calls): bounded
+            _TABLES.pop(next(iter(_TABLES)))
+        table = _TABLES[key] = torch.tensor(rows, dtype=torch.int64).to(device)
+    return table
