@@ -499,18 +499,25 @@ class FlatBuffer:
                     self._init_state(i, state)
             self.all_initialized = all(self.initialized)
         return active
-    def begin(self, active, found_inf=None) -> list[tuple[int, int, object]]:
-        """Count the step and return the spans to update as (start, end, step count): a float,
-        or a 0-dim device tensor with device step counts. With `found_inf` (a device scalar,
-        nonzero to skip) the step counts only where it is zero, on the device. External params
-        are copied in here: `end` copies them back after the update."""
+    def counts_in_bulk(self, active, found_inf) -> bool:
+        """Whether this step's count is `self.steps += 1` (every param, host counts, no skip):
+        the optimizer then adds 1 to all such buffers in one foreach op (1000 single-param
+        groups: ~2.5 ms of host time a step in 1000 separate adds)."""
+        return active is None and found_inf is None and not self.device_steps
+
+    def begin(self, active, found_inf=None, counted=False) -> list[tuple[int, int, object]]:
+        """Count the step (unless `counted` in bulk) and return the spans to update as (start,
+        end, step count): a float, or a 0-dim device tensor with device step counts. With
+        `found_inf` (a device scalar, nonzero to skip) the step counts only where it is zero, on
+        the device. External params are copied in here: `end` copies them back after the update."""
         if active == []:  # only states were adopted
             return []
         if self.external:  # copied in just before the update (a param sharing their storage
             # may have stepped since, as may a checkpoint load have written the shard)
             torch._foreach_copy_([self.views["param"][i] for i in self.external],
                                  [_local(self.params[i]) for i in self.external])
-        self._count_step(active, found_inf)
+        if not counted:
+            self._count_step(active, found_inf)
         steps = self.steps if self.device_steps else self.steps.tolist()
         return [(start, end, steps[first]) for start, end, first in
                 self._runs(active, self.history if self.device_steps else steps)]

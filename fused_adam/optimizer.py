@@ -231,6 +231,10 @@ class FusedAdam(Optimizer):
         # One launch per (backend, device, operand dtypes, operands present, rounding), across
         # groups: lr, betas, eps and weight decay are rows of its table, not launches.
         launches: dict[tuple, Launch] = {}
+        bulk = [buf for group_prepared in prepared for buf, active in group_prepared
+                if buf.counts_in_bulk(active, found_inf)]
+        if bulk:
+            torch._foreach_add_([buf.steps for buf in bulk], 1)
         for (group, todo), group_prepared in zip(updates, prepared):
             multiplier = None
             if group["max_grad_norm"] is not None:
@@ -246,7 +250,8 @@ class FusedAdam(Optimizer):
                            stochastic_rounding_seed=group["seed"] if group["stochastic_rounding"]
                            else None)
             for (buf, active), (_, _, fn) in zip(group_prepared, todo):
-                spans = buf.begin(active, None if found_inf is None else found_inf.to(buf.device))
+                spans = buf.begin(active, None if found_inf is None else found_inf.to(buf.device),
+                                  counted=buf.counts_in_bulk(active, found_inf))
                 stochastic = bool(group["stochastic_rounding"] and buf.may_round_stochastically)
                 if buf.external:  # stepped now, in order: a param sharing their storage
                     launch = Launch(fn, stochastic)  # may step next and must see this update
