@@ -96,6 +96,7 @@ class Launch:
         self.rows: list = []  # host rows (lists of floats) or device rows (tensors)
         self.multipliers: list = []  # per row: None or the group's multiplier tensor
         self._row_of: dict[tuple, int] = {}
+        self._held: list[dict] = []  # the options keyed by id: alive, so no id is reused
 
     def add(self, operands, spans, options: dict, multiplier=None) -> None:
         """`operands` of one buffer (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master),
@@ -115,6 +116,7 @@ class Launch:
                 else:
                     self.rows.append(hyper_row(step=step, **options))
                     self._row_of[key] = row
+                    self._held.append(options)
                 self.multipliers.append(multiplier)
             self.segments += (buffer, start, end - start, row, start)
 

@@ -213,3 +213,21 @@ def test_param_groups_share_one_launch(device, backend):
             calls = [e.count for e in prof.key_averages() if e.key == "fused_adam::adam_step_"]
             assert calls == [1], calls
     assert_optimizers_match(opt, ref, backend)
+
+
+def test_launch_rows_follow_each_groups_options():
+    """Options built afresh per group (as step() builds them) get their own rows: a row keyed
+    by the id of a dict already freed took the previous group's lr (seen on an H100)."""
+    from fused_adam.backends import resolve
+    from fused_adam.functional import Launch
+    fn = resolve("torch", torch.device("cpu"), torch.float32)
+    buffers = [[torch.ones(16), torch.ones(16), torch.zeros(16), torch.zeros(16), None, None]
+               for _ in range(6)]
+    launch = Launch(fn, stochastic=False)
+    for i, operands in enumerate(buffers):
+        options = {"lr": 2.0**-i, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+        launch.add(operands, [(0, 16, 1.0)], options)
+        del options  # CPython's next dict takes its memory, and its id
+    launch.run()
+    updates = [1 - b[0][0].item() for b in buffers]  # Adam's first step moves by ~lr
+    assert updates == pytest.approx([2.0**-i for i in range(6)], rel=1e-3), updates
