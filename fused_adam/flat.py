@@ -35,7 +35,6 @@ stepped one after another, each copied in just before its update, as torch's loo
 """
 from __future__ import annotations
 
-import collections
 import functools
 import operator
 import sys
@@ -97,6 +96,25 @@ def _sole_use_count() -> int:
 def _storage_address(p: torch.Tensor) -> int:
     """Where p's storage (a DTensor's local one) starts: equal for params that share it."""
     return _local(p).untyped_storage().data_ptr()
+
+
+def _overlapping(params: list[torch.Tensor]) -> set[int]:
+    """ids of the params whose memory (a DTensor's local one) overlaps another's."""
+    spans = []
+    for p in params:
+        t = _local(p)
+        if t.numel():
+            extent = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+            start = t.data_ptr()
+            spans.append((start, start + extent * t.element_size(), id(p)))
+    spans.sort()
+    found, reach, last = set(), None, None  # the furthest end so far, and whose it is
+    for start, end, key in spans:
+        if reach is not None and start < reach:
+            found.update((key, last))
+        if reach is None or end > reach:
+            reach, last = end, key
+    return found
 
 
 def _alias(view: torch.Tensor) -> torch.Tensor:
@@ -200,8 +218,11 @@ class Layout:
 class FlatBuffer:
     """The params of one group that share a device and dtype, packed with their grads and state."""
 
-    def __init__(self, params: list[torch.Tensor], layout: Layout, watch: Watch, solo=False):
+    def __init__(self, params: list[torch.Tensor], layout: Layout, watch: Watch, solo=False,
+                 ordered=False):
         self.params, self.watch = params, watch
+        # ordered: a param whose memory overlaps another's, stepped alone and in order
+        self.ordered = ordered
         self.device, self.dtype, self.grad_dtype = buffer_key(params[0])
         # solo: one large param stepped in its own storage (GroupBuffers' SOLO_NUMEL), its grad
         # read where autograd put it: no copy of either, as torch.optim holds them.
@@ -249,6 +270,14 @@ class FlatBuffer:
         # Indices of params copied in and out around each update, never re-pointed.
         self.external = [] if solo else [i for i, p in enumerate(params) if _is_external(p)]
         self.external_set = set(self.external)
+        # Of those, the ones stepped where they are (an FSDP2 shard, a view into a ZeRO bucket):
+        # their own storage is the param operand, their grad too where the kernels can read it,
+        # their states live in our buffers: 28 B/param, where copying in and out moved 52.
+        # A complex param is copied (its buffer segment is the real view the kernels step).
+        self.in_place = {i for i in self.external
+                         if not params[i].is_complex() and _local(params[i]).is_contiguous()}
+        self.copied = [i for i in self.external if i not in self.in_place]
+        self.grad_operands: dict[int, torch.Tensor] = {}  # in-place params' grads, as they are
         flats = (("param", self.param), ("grad", self.grad))
         self.views = {name: [self.param.view(params[0].shape)] if solo and name == "param" else
                       [self._make_view(flat, i) for i in range(len(params))]
@@ -478,7 +507,11 @@ class FlatBuffer:
                     self.grad = torch.empty(self.total, dtype=self.grad_dtype, device=self.device)
                 self.grad.view(g.shape).copy_(g)
             self.grad_now = self.grad if foreign else g.view(-1)
-        elif foreign:
+        else:  # an in-place param's grad is read where it is when the kernels can read it
+            self.grad_operands = {i: g for i, g in foreign if i in self.in_place
+                                  and g.is_contiguous() and g.dtype == self.grad_dtype}
+            foreign = [(i, g) for i, g in foreign if i not in self.grad_operands]
+        if foreign and not self.solo:
             views = self.views["grad"]
             # Our grad object re-pointed elsewhere (`p.grad.data = t`): copied into a new alias
             # of its segment, which the object then points to again.
@@ -505,22 +538,35 @@ class FlatBuffer:
         groups: ~2.5 ms of host time a step in 1000 separate adds)."""
         return active is None and found_inf is None and not self.device_steps
 
-    def begin(self, active, found_inf=None, counted=False) -> list[tuple[int, int, object]]:
-        """Count the step (unless `counted` in bulk) and return the spans to update as (start,
-        end, step count): a float, or a 0-dim device tensor with device step counts. With
-        `found_inf` (a device scalar, nonzero to skip) the step counts only where it is zero, on
-        the device. External params are copied in here: `end` copies them back after the update."""
+    def begin(self, active, found_inf=None, counted=False) -> list[tuple[tuple, list]]:
+        """Count the step (unless `counted` in bulk) and return what to update: (operands,
+        spans) pairs, spans as (start, end, step count) with the count a float, or a 0-dim
+        device tensor with device step counts. First the buffer's own operands (`operands`),
+        then each in-place param's. With `found_inf` (a device scalar, nonzero to skip) the step
+        counts only where it is zero, on the device. Copied params are copied in here: `end`
+        copies them back after the update."""
         if active == []:  # only states were adopted
             return []
-        if self.external:  # copied in just before the update (a param sharing their storage
+        if self.copied:  # copied in just before the update (a param sharing their storage
             # may have stepped since, as may a checkpoint load have written the shard)
-            torch._foreach_copy_([self.views["param"][i] for i in self.external],
-                                 [_local(self.params[i]) for i in self.external])
+            torch._foreach_copy_([self.views["param"][i] for i in self.copied],
+                                 [_local(self.params[i]) for i in self.copied])
         if not counted:
             self._count_step(active, found_inf)
         steps = self.steps if self.device_steps else self.steps.tolist()
-        return [(start, end, steps[first]) for start, end, first in
-                self._runs(active, self.history if self.device_steps else steps)]
+        keys = self.history if self.device_steps else steps
+        if not self.in_place:
+            return [(self.operands(), [(start, end, steps[first]) for start, end, first in
+                                       self._runs(active, keys)])]
+        stepping = range(len(self.params)) if active is None else active
+        rest = [i for i in stepping if i not in self.in_place]
+        work = [(self.operands(), [(start, end, steps[first]) for start, end, first in
+                                   self._runs(rest, keys)])] if rest else []
+        for i in stepping:
+            if i in self.in_place:
+                operands = self._in_place_operands(i)
+                work.append((operands, [(0, operands[0].numel(), steps[i])]))
+        return work
 
     def operands(self) -> tuple:
         """The launch's operands: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master (the
@@ -528,10 +574,18 @@ class FlatBuffer:
         return (self.param, self.grad_now, self.state["exp_avg"], self.state["exp_avg_sq"],
                 self.state.get("max_exp_avg_sq"), self.state.get(MASTER_KEY))
 
+    def _in_place_operands(self, i: int) -> tuple:
+        """Param i's own storage and grad (or its copy in our grad buffer), our states' views:
+        contiguous tensors of one size, in their shapes (a kernel reads them flat)."""
+        grad = self.grad_operands.get(i)
+        return (_local(self.params[i]), self.views["grad"][i] if grad is None else grad,
+                *(None if key not in self.state else self.views[key][i]
+                  for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", MASTER_KEY)))
+
     def end(self) -> None:
-        if self.external:
-            torch._foreach_copy_([_local(self.params[i]) for i in self.external],
-                                 [self.views["param"][i] for i in self.external])
+        if self.copied:
+            torch._foreach_copy_([_local(self.params[i]) for i in self.copied],
+                                 [self.views["param"][i] for i in self.copied])
 
     def _count_step(self, active, found_inf) -> None:
         # In place on the whole tensor when every param steps: `steps[:] += 1` (slice, add, copy
@@ -603,13 +657,14 @@ class GroupBuffers:
         # state. One that gets a grad later re-packs the group (is_current).
         self.frozen = [p for p in unique if not (p.requires_grad or p.grad is not None)]
         packed = [p for p in unique if p.requires_grad or p.grad is not None]
-        # Params that share one storage (tied by a view) step one after another, each in a
-        # buffer of its own: copied in just before its update, it sees the one before.
-        bases = collections.Counter(_storage_address(p) for p in packed if p.numel())
+        # Params whose memory overlaps (tied by a view) step one after another, each in a
+        # buffer of its own, in order: each sees the update of the one before. Params that
+        # only share a storage (views into a ZeRO bucket) step where they are, side by side.
+        overlapping = _overlapping(packed)
         solo, serial = [], []
         for p in packed:
             _check_writable(p)
-            if p.numel() and bases[_storage_address(p)] > 1:
+            if id(p) in overlapping:
                 serial.append(p)
             elif (p.numel() >= SOLO_NUMEL and p.is_contiguous() and not p.is_complex()
                     and not _is_external(p)):
@@ -618,7 +673,7 @@ class GroupBuffers:
                 by_key.setdefault(buffer_key(p), []).append(p)
         self.buffers = [FlatBuffer(ps, layout, watch) for ps in by_key.values()] + [
             FlatBuffer([p], layout, watch, solo=True) for p in solo] + [
-            FlatBuffer([p], layout, watch) for p in serial]
+            FlatBuffer([p], layout, watch, ordered=True) for p in serial]
         for buf in self.buffers:
             buf.adopt_state(state)
         self.layout = layout

@@ -231,6 +231,7 @@ class FusedAdam(Optimizer):
         # One launch per (backend, device, operand dtypes, operands present, rounding), across
         # groups: lr, betas, eps and weight decay are rows of its table, not launches.
         launches: dict[tuple, Launch] = {}
+        copied = []  # buffers with params copied in, to copy out after the launches
         bulk = [buf for group_prepared in prepared for buf, active in group_prepared
                 if buf.counts_in_bulk(active, found_inf)]
         if bulk:
@@ -250,12 +251,13 @@ class FusedAdam(Optimizer):
                            stochastic_rounding_seed=group["seed"] if group["stochastic_rounding"]
                            else None)
             for (buf, active), (_, _, fn) in zip(group_prepared, todo):
-                spans = buf.begin(active, None if found_inf is None else found_inf.to(buf.device),
-                                  counted=buf.counts_in_bulk(active, found_inf))
+                work = buf.begin(active, None if found_inf is None else found_inf.to(buf.device),
+                                 counted=buf.counts_in_bulk(active, found_inf))
                 stochastic = bool(group["stochastic_rounding"] and buf.may_round_stochastically)
-                if buf.external:  # stepped now, in order: a param sharing their storage
-                    launch = Launch(fn, stochastic)  # may step next and must see this update
-                    launch.add(buf.operands(), spans, options, multiplier)
+                if buf.ordered:  # stepped now, in order: a param whose memory overlaps this
+                    launch = Launch(fn, stochastic)  # one steps next and must see this update
+                    for operands, spans in work:
+                        launch.add(operands, spans, options, multiplier)
                     launch.run(found_inf)
                     buf.end()
                     continue
@@ -263,9 +265,14 @@ class FusedAdam(Optimizer):
                 launch = launches.get(key)
                 if launch is None:
                     launch = launches[key] = Launch(fn, stochastic)
-                launch.add(buf.operands(), spans, options, multiplier)
+                for operands, spans in work:
+                    launch.add(operands, spans, options, multiplier)
+                if buf.copied:
+                    copied.append(buf)
         for launch in launches.values():
             launch.run(found_inf)
+        for buf in copied:  # their update back where the params live
+            buf.end()
         return loss
 
     @property

@@ -210,3 +210,28 @@ def test_large_params_are_stepped_in_their_own_storage(device, backend, zero_gra
     assert [p.data_ptr() for p in model.parameters()][:3] == ptrs[:3]
     if zero_grad == "opt.zero_grad()":  # autograd's grads were read in place: no copy made
         assert all(b.grad is None for gb in opt._layout for b in gb.buffers if b.solo)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_views_into_a_foreign_storage_are_stepped_where_they_are(device, backend):
+    """Params viewing one larger storage not ours (ZeRO's bucket views, FSDP's flat param): one
+    launch steps them in place, side by side, their grads read where they are: nothing copied in
+    or out (28 B/param, not 52), and the storage they view holds the update."""
+    bucket = torch.randn(100, generator=torch.Generator().manual_seed(0)).to(device)
+    params = [torch.nn.Parameter(bucket[:30]), torch.nn.Parameter(bucket[30:].view(10, 7))]
+    ref_params = clone_params(params)
+    first = [p.detach().clone() for p in params]
+    opt = FusedAdamW(params, lr=1e-2, backend=backend)
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, foreach=False)
+    (buf,) = opt._layout[0].buffers  # side by side: no memory overlaps, nothing ordered
+    assert buf.in_place == {0, 1} and not buf.ordered and not buf.copied
+    for step in range(3):
+        set_grads(params, ref_params, step)
+        opt.step()
+        ref.step()
+    assert_optimizers_match(opt, ref, backend)
+    assert torch.equal(bucket[:30], params[0].detach()) and params[0].data_ptr() == bucket.data_ptr()
+    for view, value in zip(buf.views["param"], first):  # our copy: never read, never written
+        assert torch.equal(view.view(value.shape), value)
+    for view, value in zip(buf.views["grad"], first):
+        assert not view.any()  # the grads were read in place, not copied
