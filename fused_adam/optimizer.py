@@ -7,6 +7,7 @@ never touches a kernel.
 """
 from __future__ import annotations
 
+import inspect
 import numbers
 import operator
 
@@ -67,22 +68,21 @@ class FusedAdam(Optimizer):
         return any(g.get("skip_nonfinite") for g in self.param_groups)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
                  bias_correction=True, master_weights=False, state_dtype=None,
                  stochastic_rounding=False, seed=0, max_grad_norm=None, skip_nonfinite=False,
                  backend="auto"):
         if differentiable:
             raise RuntimeError("`fused` does not support `differentiable`")
-        defaults = dict(lr=lr, betas=betas, eps=eps,
-                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                        foreach=foreach, capturable=bool(capturable), differentiable=False,
-                        fused=fused,
-                        decoupled_weight_decay=decoupled_weight_decay,
-                        bias_correction=bias_correction, master_weights=bool(master_weights),
-                        state_dtype=state_dtype, stochastic_rounding=bool(stochastic_rounding),
-                        seed=int(seed), max_grad_norm=max_grad_norm,
-                        skip_nonfinite=bool(skip_nonfinite), backend=backend)
+        # The signature above is the one list of options and their defaults, in the order of
+        # torch.optim.Adam's defaults dict (a group's keys, as a state_dict shows them).
+        given = locals()
+        defaults = {key: given[key] for key in DEFAULTS}
+        defaults.update(capturable=bool(capturable), differentiable=False,
+                        master_weights=bool(master_weights),
+                        stochastic_rounding=bool(stochastic_rounding), seed=int(seed),
+                        skip_nonfinite=bool(skip_nonfinite))
         _check_group(defaults)
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -283,21 +283,16 @@ class FusedAdam(Optimizer):
 
 
 class FusedAdamW(FusedAdam):
-    """Drop-in `torch.optim.AdamW`: FusedAdam with decoupled weight decay, default 1e-2."""
+    """Drop-in `torch.optim.AdamW`: FusedAdam with decoupled weight decay, default 1e-2 (the
+    other options and their defaults are FusedAdam's)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None, bias_correction=True, master_weights=False,
-                 state_dtype=None, stochastic_rounding=False, seed=0, max_grad_norm=None,
-                 skip_nonfinite=False, backend="auto"):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
-                         maximize=maximize, capturable=capturable,
-                         differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, bias_correction=bias_correction,
-                         master_weights=master_weights, state_dtype=state_dtype,
-                         stochastic_rounding=stochastic_rounding, seed=seed,
-                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         backend=backend)
+                 amsgrad=False, **options):
+        if "decoupled_weight_decay" in options:  # as torch.optim.AdamW: always decoupled
+            raise TypeError("FusedAdamW.__init__() got an unexpected keyword argument "
+                            "'decoupled_weight_decay'")
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad,
+                         decoupled_weight_decay=True, **options)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -308,12 +303,24 @@ class FusedAdamW(FusedAdam):
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Our options beyond torch.optim.Adam's, with their defaults: the one place they are listed for
 # groups that lack them (an unpickled torch optimizer, a torch checkpoint).
-OPTIONS = dict(bias_correction=True, master_weights=False, state_dtype=None,
-               stochastic_rounding=False, seed=0, max_grad_norm=None, skip_nonfinite=False,
-               backend="auto")
+def _signature_defaults(fn) -> dict:
+    return {name: p.default for name, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+# Every option of a group with its default: FusedAdam's signature, the one place they are listed.
+DEFAULTS = _signature_defaults(FusedAdam.__init__)
+_TORCH_ADAM = set(inspect.signature(torch.optim.Adam.__init__).parameters)
+# Ours (not torch.optim.Adam's): kept from our defaults when a torch checkpoint is loaded.
+OPTIONS = {k: v for k, v in DEFAULTS.items() if k not in _TORCH_ADAM}
 # torch.optim.Adam's keys that older torch versions' checkpoints may lack, with torch's defaults.
-TORCH_OPTIONS = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
-                     differentiable=False, fused=None, decoupled_weight_decay=False)
+TORCH_OPTIONS = {k: v for k, v in DEFAULTS.items()
+                 if k in _TORCH_ADAM and k not in ("lr", "betas", "eps", "weight_decay")}
+# FusedAdamW's signature, for help() and IDEs: FusedAdam's with its two differences.
+FusedAdamW.__init__.__signature__ = inspect.signature(FusedAdam.__init__).replace(parameters=[
+    p.replace(default=1e-2) if p.name == "weight_decay" else p
+    for p in inspect.signature(FusedAdam.__init__).parameters.values()
+    if p.name != "decoupled_weight_decay"])
 STATE_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 
 

@@ -123,3 +123,19 @@ def test_no_ext_env_uses_the_torch_backend():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert "disabled by FUSED_ADAM_NO_EXT=1" in out.stdout
+
+
+@pytest.mark.parametrize("ours,theirs", [(FusedAdam, torch.optim.Adam), (FusedAdamW, torch.optim.AdamW)])
+def test_signatures_are_torchs_plus_our_options(ours, theirs):
+    """Every argument of torch's with torch's default and kind, then ours (their defaults are
+    FusedAdam's signature, the one place they are listed); AdamW refuses
+    decoupled_weight_decay as torch's does."""
+    import inspect
+    mine, torchs = inspect.signature(ours).parameters, inspect.signature(theirs).parameters
+    for name, p in torchs.items():
+        assert name in mine and mine[name].kind == p.kind, name
+        assert mine[name].default == p.default, name
+    if ours is FusedAdamW:
+        with pytest.raises(TypeError, match="unexpected keyword argument 'decoupled_weight_decay'"):
+            FusedAdamW([torch.nn.Parameter(torch.ones(2))], decoupled_weight_decay=False)
+        assert FusedAdamW([torch.nn.Parameter(torch.ones(2))]).defaults["weight_decay"] == 1e-2
