@@ -65,7 +65,7 @@ std::vector<SegmentSpec> check_launch(const Buffers& b, const at::Tensor& hyper,
     const SegmentSpec s{segments[k], segments[k + 1], segments[k + 2], segments[k + 3],
                         segments[k + 4]};
     TORCH_CHECK(s.buffer >= 0 && s.buffer < static_cast<int64_t>(n) && s.start >= 0 &&
-                    s.length >= 0 && s.start + s.length <= b.params[s.buffer].numel() &&
+                    s.length >= 0 && s.length <= b.params[s.buffer].numel() - s.start &&
                     s.row >= 0 && s.row < hyper.size(0),
                 "fused_adam: segment ", k / kSegmentFields, " is out of range");
     if (s.length) out.push_back(s);

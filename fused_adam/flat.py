@@ -98,7 +98,7 @@ def _storage_address(p: torch.Tensor) -> int:
     return _local(p).untyped_storage().data_ptr()
 
 
-def _overlapping(params: list[torch.Tensor]) -> set[int]:
+def overlapping(params: list[torch.Tensor]) -> set[int]:
     """ids of the params whose memory (a DTensor's local one) overlaps another's."""
     spans = []
     for p in params:
@@ -268,7 +268,9 @@ class FlatBuffer:
         # Per param and per buffer: what the param, its grad and its state tensors are (see the
         # module docstring), and where their data must be.
         # Indices of params copied in and out around each update, never re-pointed.
-        self.external = [] if solo else [i for i, p in enumerate(params) if _is_external(p)]
+        # (an ordered param stays where it is too: another param overlaps its memory)
+        self.external = [] if solo else [i for i, p in enumerate(params)
+                                         if ordered or _is_external(p)]
         self.external_set = set(self.external)
         # Of those, the ones stepped where they are (an FSDP2 shard, a view into a ZeRO bucket):
         # their own storage is the param operand, their grad too where the kernels can read it,
@@ -277,6 +279,7 @@ class FlatBuffer:
         self.in_place = {i for i in self.external
                          if not params[i].is_complex() and _local(params[i]).is_contiguous()}
         self.copied = [i for i in self.external if i not in self.in_place]
+        self.copied_in = False
         self.grad_operands: dict[int, torch.Tensor] = {}  # in-place params' grads, as they are
         flats = (("param", self.param), ("grad", self.grad))
         self.views = {name: [self.param.view(params[0].shape)] if solo and name == "param" else
@@ -542,7 +545,8 @@ class FlatBuffer:
         """Count the step (unless `counted` in bulk) and return what to update: (operands,
         spans) pairs, spans as (start, end, step count) with the count a float, or a 0-dim
         device tensor with device step counts. First the buffer's own operands (`operands`),
-        then each in-place param's. With `found_inf` (a device scalar, nonzero to skip) the step
+        then each in-place param's (its spans carry a fourth value: the index base of its random
+        bits for stochastic rounding). With `found_inf` (a device scalar, nonzero to skip) the step
         counts only where it is zero, on the device. Copied params are copied in here: `end`
         copies them back after the update."""
         if active == []:  # only states were adopted
@@ -551,6 +555,7 @@ class FlatBuffer:
             # may have stepped since, as may a checkpoint load have written the shard)
             torch._foreach_copy_([self.views["param"][i] for i in self.copied],
                                  [_local(self.params[i]) for i in self.copied])
+            self.copied_in = True
         if not counted:
             self._count_step(active, found_inf)
         steps = self.steps if self.device_steps else self.steps.tolist()
@@ -564,8 +569,9 @@ class FlatBuffer:
                                    self._runs(rest, keys)])] if rest else []
         for i in stepping:
             if i in self.in_place:
-                operands = self._in_place_operands(i)
-                work.append((operands, [(0, operands[0].numel(), steps[i])]))
+                operands = self._in_place_operands(i)  # (random bits keyed on its place in
+                # our layout, as a packed param's: not on 0 for every in-place param)
+                work.append((operands, [(0, operands[0].numel(), steps[i], self.bounds[i])]))
         return work
 
     def operands(self) -> tuple:
@@ -583,7 +589,10 @@ class FlatBuffer:
                   for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", MASTER_KEY)))
 
     def end(self) -> None:
-        if self.copied:
+        """Copied params back where they live, after an update `begin` copied them in for (a
+        step that only adopted states copies nothing: the buffer holds no newer values)."""
+        if self.copied_in:
+            self.copied_in = False
             torch._foreach_copy_([_local(self.params[i]) for i in self.copied],
                                  [self.views["param"][i] for i in self.copied])
 
@@ -603,18 +612,27 @@ class FlatBuffer:
             for i in active:
                 self.history[i] = hash((self.history[i], self.calls))
 
-    def spans(self, active) -> list[tuple[int, int]]:
-        """Contiguous spans of the segments that have a grad this step."""
-        if active is None:
-            return [(0, self.total)]
-        spans = []
-        for i in active:
+    def step_grads(self, active) -> list[torch.Tensor]:
+        """The grads this step reads: contiguous spans of our grad buffer, and each in-place
+        param's grad where it is (what the clip norm and the non-finite check must see)."""
+        stepping = range(len(self.params)) if active is None else active
+        if active is None and not self.in_place:
+            return [self.grad_now]
+        grads, start, end = [], None, None
+        for i in stepping:
+            if i in self.in_place:
+                grad = self.grad_operands.get(i)
+                grads.append(self.views["grad"][i] if grad is None else grad)
+                continue
+            if start is not None and end == self.bounds[i]:
+                end = self.bounds[i + 1]
+                continue
+            if start is not None:
+                grads.append(self.grad_now[start:end])
             start, end = self.bounds[i], self.bounds[i + 1]
-            if spans and spans[-1][1] == start:
-                spans[-1] = (spans[-1][0], end)
-            else:
-                spans.append((start, end))
-        return spans
+        if start is not None:
+            grads.append(self.grad_now[start:end])
+        return grads
 
     def _runs(self, active, keys):
         """Maximal spans of consecutive active segments with one step count (the same key), as
@@ -649,7 +667,8 @@ class FlatBuffer:
 class GroupBuffers:
     """The flat buffers of one param group, and the check that they still hold its params."""
 
-    def __init__(self, params: list[torch.Tensor], layout: Layout, state, watch: Watch):
+    def __init__(self, params: list[torch.Tensor], layout: Layout, state, watch: Watch,
+                 overlapping: set[int] = frozenset()):
         by_key: dict[tuple, list[torch.Tensor]] = {}
         # A param listed twice (torch warns, then updates it twice a step) is stepped once.
         unique = list({id(p): p for p in params}.values())
@@ -657,14 +676,15 @@ class GroupBuffers:
         # state. One that gets a grad later re-packs the group (is_current).
         self.frozen = [p for p in unique if not (p.requires_grad or p.grad is not None)]
         packed = [p for p in unique if p.requires_grad or p.grad is not None]
-        # Params whose memory overlaps (tied by a view) step one after another, each in a
-        # buffer of its own, in order: each sees the update of the one before. Params that
-        # only share a storage (views into a ZeRO bucket) step where they are, side by side.
-        overlapping = _overlapping(packed)
+        # Params whose memory overlaps another's (`overlapping`: ids, over every group) step
+        # one after another where they are, each in a buffer of its own, in order: each sees
+        # the update of the one before. Params that only share a storage (views into a ZeRO
+        # bucket) step where they are, side by side.
+        self.ordered_ids = {id(p) for p in packed} & overlapping
         solo, serial = [], []
         for p in packed:
             _check_writable(p)
-            if id(p) in overlapping:
+            if id(p) in self.ordered_ids:
                 serial.append(p)
             elif (p.numel() >= SOLO_NUMEL and p.is_contiguous() and not p.is_complex()
                     and not _is_external(p)):
@@ -698,8 +718,9 @@ def clip_coefficient(prepared, max_norm: float, grad_scale=None) -> torch.Tensor
     """`torch.nn.utils.clip_grad_norm_`'s coefficient for the grads of `prepared` ((buffer,
     active) pairs), as a device tensor: min(1, max_norm / (total norm + 1e-6)), no host sync.
     With `grad_scale` the grads are scaled: the norm is of the unscaled ones."""
-    norms = [torch.linalg.vector_norm(buf.grad_now[start:end], dtype=torch.float32)
-             for buf, active in prepared for start, end in buf.spans(active)]
+    # (fp32 sums for bf16/fp16 grads; float64 ones keep their own precision, as torch's)
+    norms = [torch.linalg.vector_norm(g, dtype=None if g.dtype == torch.float64 else torch.float32)
+             for buf, active in prepared for g in buf.step_grads(active)]
     if not norms:
         return None
     device = norms[0].device
@@ -711,8 +732,7 @@ def clip_coefficient(prepared, max_norm: float, grad_scale=None) -> torch.Tensor
 
 def nonfinite(prepared) -> torch.Tensor | None:
     """1.0 on the device when any grad of `prepared` is inf or NaN, else 0.0: no host sync."""
-    flags = [~torch.isfinite(buf.grad_now[start:end]).all()
-             for buf, active in prepared for start, end in buf.spans(active)]
+    flags = [~torch.isfinite(g).all() for buf, active in prepared for g in buf.step_grads(active)]
     if not flags:
         return None
     device = flags[0].device

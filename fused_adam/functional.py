@@ -100,12 +100,13 @@ class Launch:
 
     def add(self, operands, spans, options: dict, multiplier=None) -> None:
         """`operands` of one buffer (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master),
-        its spans (start, end, step count) with the group's `options` (hyper_row's keywords)."""
+        its spans (start, end, step count[, index base of the random bits, default start]) with
+        the group's `options` (hyper_row's keywords)."""
         buffer = len(self.lists[0])
         for lst, t in zip(self.lists, operands):
             if t is not None:
                 lst.append(t)
-        for start, end, step in spans:
+        for start, end, step, *index_base in spans:
             key = None if torch.is_tensor(step) else (id(options), step)
             row = self._row_of.get(key)
             if row is None:
@@ -118,7 +119,7 @@ class Launch:
                     self._row_of[key] = row
                     self._held.append(options)
                 self.multipliers.append(multiplier)
-            self.segments += (buffer, start, end - start, row, start)
+            self.segments += (buffer, start, end - start, row, index_base[0] if index_base else start)
 
     def table(self, device: torch.device) -> torch.Tensor:
         """The hyperparameter table: on the host when every row and multiplier is, else on

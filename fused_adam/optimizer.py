@@ -15,7 +15,8 @@ import torch
 from torch.optim import Optimizer
 
 from . import backends
-from .flat import GroupBuffers, Layout, Watch, buffer_key, clip_coefficient, nonfinite
+from .flat import (GroupBuffers, Layout, Watch, buffer_key, clip_coefficient, nonfinite,
+                   overlapping)
 from .functional import Launch
 
 
@@ -159,14 +160,22 @@ class FusedAdam(Optimizer):
             self._layout, self._layout_state = [], self.state
         layout = self._layout
         del layout[len(self.param_groups):]
+        layout += [None] * (len(self.param_groups) - len(layout))
+        options = [Layout.of(group, self._amp) for group in self.param_groups]
+        stale = [gb is None or not gb.is_current(group["params"], o)
+                 for gb, group, o in zip(layout, self.param_groups, options)]
+        if not any(stale):
+            return
+        # Params whose memory overlaps, across groups (one launch steps every group): found
+        # when a group is (re)built, which also rebuilds a group whose params it now overlaps.
+        overlap = overlapping([p for group in self.param_groups for p in group["params"]
+                               if p.requires_grad or p.grad is not None])
         for i, group in enumerate(self.param_groups):
-            options = Layout.of(group, self._amp)
-            if i == len(layout):
-                layout.append(None)
-            if layout[i] is None or not layout[i].is_current(group["params"], options):
+            if stale[i] or layout[i].ordered_ids != overlap & set(map(id, group["params"])):
                 # Released first: its aliases would count as other users of the params' storage.
                 layout[i] = None
-                layout[i] = GroupBuffers(group["params"], options, self.state, self._watch)
+                layout[i] = GroupBuffers(group["params"], options[i], self.state, self._watch,
+                                         overlap)
 
     def _layout_is_current(self) -> bool:
         return (self._layout is not None and self._layout_state is self.state

@@ -139,3 +139,31 @@ def test_signatures_are_torchs_plus_our_options(ours, theirs):
         with pytest.raises(TypeError, match="unexpected keyword argument 'decoupled_weight_decay'"):
             FusedAdamW([torch.nn.Parameter(torch.ones(2))], decoupled_weight_decay=False)
         assert FusedAdamW([torch.nn.Parameter(torch.ones(2))]).defaults["weight_decay"] == 1e-2
+
+
+def test_segments_out_of_range_raise_even_where_start_plus_length_overflows():
+    if "cpu" not in fused_adam.available_backends("cpu"):
+        pytest.skip("the CPU extension is not built")
+    from fused_adam.functional import hyper_row
+    hyper = torch.tensor([hyper_row(step=1, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8)],
+                         dtype=torch.float64)
+    ts = [torch.zeros(8) for _ in range(4)]
+    for segment in ([0, 1, 2**63 - 1, 0, 0], [0, 2**62, 2**62, 0, 0], [0, 0, 9, 0, 0],
+                    [1, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, -1, 1, 0, 0]):
+        with pytest.raises(RuntimeError, match="segment 0 is out of range"):
+            torch.ops.fused_adam.adam_step_(*([t] for t in ts), [], [], hyper, segment)
+
+
+def test_the_torch_backend_steps_strided_tensors():
+    """The functional API on a transposed (non-contiguous) tensor: the torch backend (and auto
+    for float64) steps it in its shape, as torch.optim would."""
+    from fused_adam import adam_step_
+    for dtype, backend in ((torch.float64, "auto"), (torch.float32, "torch")):
+        p = torch.randn(6, 4, dtype=dtype).t()
+        ref = torch.nn.Parameter(p.detach().clone())
+        g = torch.randn(4, 6, dtype=dtype)
+        m, v = torch.zeros(6, 4, dtype=dtype).t(), torch.zeros(6, 4, dtype=dtype).t()
+        adam_step_(p, g, m, v, step=1, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, backend=backend)
+        ref.grad = g
+        torch.optim.Adam([ref], lr=0.1, foreach=False).step()
+        assert torch.equal(p, ref.detach())

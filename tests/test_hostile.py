@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from conftest import assert_close, assert_optimizers_match, clone_params, make_params, set_grads
+from conftest import (CASES, assert_close, assert_optimizers_match, clone_params, make_params,
+                      set_grads)
 from fused_adam import FusedAdam, FusedAdamW
 
 SHAPES = [(4, 3), (5,), ()]
@@ -471,3 +472,84 @@ def test_a_repack_keeps_own_storage_params_in_their_storage(monkeypatch):
     ours.step()
     buffers = [b for gb in ours._layout for b in gb.buffers]
     assert any(b.solo for b in buffers) and not any(b.external for b in buffers)
+
+
+def _grads(params, refs, step, scale=1.0):
+    gen = torch.Generator().manual_seed(step)
+    for p, r in zip(params, refs):
+        r.grad = torch.randn(r.shape, generator=gen) * scale
+        p.grad = r.grad.clone()
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_clipping_and_skipping_see_the_grads_of_params_stepped_in_place(device, backend):
+    """A param viewing a foreign storage has its grad read where it is: the group's clip norm
+    and the non-finite check must read it there too (found by review: they read our buffer)."""
+    big = torch.randn(100, generator=torch.Generator().manual_seed(0)).to(device)
+    params = [torch.nn.Parameter(big[10:50]), torch.nn.Parameter(torch.ones(8, device=device))]
+    refs = clone_params(params)
+    opt = FusedAdamW(params, lr=0.1, max_grad_norm=0.5, skip_nonfinite=True, backend=backend)
+    ref = torch.optim.AdamW(refs, lr=0.1, foreach=False)
+    for step in range(3):
+        _grads(params, refs, step, scale=10.0)
+        torch.nn.utils.clip_grad_norm_(refs, 0.5)
+        opt.step()
+        ref.step()
+    assert_optimizers_match(opt, ref, "cpu", "training loop")  # the norm sums in another order
+    before = [p.detach().clone() for p in params]
+    params[0].grad[3] = float("nan")  # only the in-place param's grad is non-finite
+    params[1].grad = torch.ones(8, device=device)
+    opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert float(opt.skipped_steps) == 1.0
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_params_over_one_memory_in_different_groups_step_in_order(device, backend):
+    """Overlapping params are found across groups (one launch steps every group): each steps
+    after the one before, as torch's loop does (found by review: they raced in one launch)."""
+    def run(make):
+        x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)).to(device)
+        a = torch.nn.Parameter(x)
+        b, c = torch.nn.Parameter(x), torch.nn.Parameter(x[0, :3])
+        opt = make([{"params": [a]}, {"params": [b, c], "lr": 0.05}])
+        for step in range(3):
+            gen = torch.Generator().manual_seed(step)
+            for p in (a, b, c):
+                p.grad = torch.randn(p.shape, generator=gen).to(device)
+            opt.step()
+        return x
+    ours = run(lambda groups: FusedAdamW(groups, lr=0.1, backend=backend))
+    ref = run(lambda groups: torch.optim.AdamW(groups, lr=0.1, foreach=False))
+    assert_close(ours, ref, "cpu", "x", "training loop")
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_a_copied_param_without_a_grad_keeps_what_user_code_wrote(device, backend):
+    """A step that only adopts a replaced state copies nothing back (found by review: the stale
+    copy overwrote the param)."""
+    base = torch.randn(10, 10, device=device)
+    p = torch.nn.Parameter(base[:, :5])  # a strided view of a storage not ours: copied
+    opt = FusedAdamW([p], lr=0.1, backend=backend)
+    p.grad = torch.randn(10, 5, device=device)
+    opt.step()
+    with torch.no_grad():
+        p.fill_(7.0)
+    opt.state[p]["exp_avg"] = torch.zeros(10, 5, device=device)
+    p.grad = None
+    opt.step()
+    assert (p.detach() == 7.0).all()
+
+
+def test_clipping_float64_params():
+    params = make_params([(5, 3), (7,)], "cpu", dtype=torch.float64)
+    refs = clone_params(params)
+    opt = FusedAdamW(params, lr=0.1, max_grad_norm=0.5)
+    ref = torch.optim.AdamW(refs, lr=0.1, foreach=False)
+    for step in range(3):
+        set_grads(params, refs, step)
+        torch.nn.utils.clip_grad_norm_(refs, 0.5)
+        opt.step()
+        ref.step()
+    for p, r in zip(params, refs):
+        torch.testing.assert_close(p, r, rtol=1e-12, atol=1e-14)

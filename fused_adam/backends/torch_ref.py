@@ -61,13 +61,16 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, h
         buffer, start, length, row, index_base = segments[k:k + width]
         if not length:
             continue
-        views = [lst[buffer].view(-1)[start:start + length] if lst else None for lst in lists]
+        # (a strided tensor, which the functional API takes, is stepped whole in its shape)
+        flat = all(t.is_contiguous() for t in (lst[buffer] for lst in lists if lst))
+        views = [None if not lst else lst[buffer].view(-1)[start:start + length] if flat else
+                 lst[buffer] for lst in lists]
         work = torch.float64 if params[buffer].dtype == torch.float64 else torch.float32
         values = rows[row] if rows is not None else hyper[row].to(work).unbind()
         scalars = dict(zip(HYPER_FIELDS, values))
         key = scalars.pop("sr_key")
         key = int(key) if stochastic else None
-        step = length if views[0].device.type != "cpu" else CHUNK
+        step = CHUNK if views[0].device.type == "cpu" and flat else length
         for lo in range(0, length, step):
             _step(*(None if v is None else v[lo:lo + step] for v in views), sr_key=key,
                   index_base=index_base + lo, found_inf=found_inf, **scalars)
