@@ -184,6 +184,9 @@ class WatchedDict(dict):
     del _name
 
 
+_LAYOUTS: dict[tuple, "Layout"] = {}  # by the group options they come from (a few kinds)
+
+
 @dataclass(frozen=True)
 class Layout:
     """What a group's options decide about its buffers; a change re-packs them."""
@@ -199,11 +202,22 @@ class Layout:
         """The layout a group's options ask for; `device_steps` forces step counts onto the
         device (the optimizer has seen a GradScaler)."""
         dtypes = group.get("state_dtype")
-        if not isinstance(dtypes, dict):
-            dtypes = {"exp_avg": dtypes, "exp_avg_sq": dtypes}
-        device_steps = device_steps or group.get("skip_nonfinite") or group.get("capturable")
-        return cls(bool(group["amsgrad"]), bool(group.get("master_weights", False)),
-                   bool(device_steps), dtypes.get("exp_avg"), dtypes.get("exp_avg_sq"))
+        key = (group["amsgrad"], group.get("master_weights", False), device_steps,
+               group.get("skip_nonfinite"), group.get("capturable"),
+               tuple(dtypes.items()) if isinstance(dtypes, dict) else dtypes)
+        try:
+            made = _LAYOUTS.get(key)  # (asked every step for every group: ~2 us to build)
+        except TypeError:  # an unhashable option value: built, not kept
+            made, key = None, None
+        if made is None:
+            if not isinstance(dtypes, dict):
+                dtypes = {"exp_avg": dtypes, "exp_avg_sq": dtypes}
+            device_steps = device_steps or group.get("skip_nonfinite") or group.get("capturable")
+            made = cls(bool(group["amsgrad"]), bool(group.get("master_weights", False)),
+                       bool(device_steps), dtypes.get("exp_avg"), dtypes.get("exp_avg_sq"))
+            if key is not None:
+                _LAYOUTS[key] = made
+        return made
 
     def state_dtype(self, key: str, param_dtype: torch.dtype) -> torch.dtype:
         chosen = self.exp_avg_dtype if key == "exp_avg" else self.exp_avg_sq_dtype
