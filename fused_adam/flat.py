@@ -722,7 +722,8 @@ class GroupBuffers:
         buffers would then update a stale copy."""
         # torch.compile cannot trace data_ptr comparisons: a compiled step trusts the storage
         # (replacing it under a compiled step is not supported; the eager step re-packs).
-        return (layout == self.layout and list(map(id, params)) == self.ids
+        return ((layout is self.layout or layout == self.layout)  # (Layouts are shared: `is`)
+                and list(map(id, params)) == self.ids
                 and not any(p.requires_grad or p.grad is not None for p in self.frozen)
                 and (torch.compiler.is_compiling()
                      or list(map(torch.Tensor.data_ptr, self.local(self.packed))) == self.ptrs))
