@@ -79,10 +79,10 @@ def _is_external(p: torch.Tensor) -> bool:
     if _is_dtensor(p) or (p.device.type == "cpu" and p.is_shared()):
         return True
     storage = p.untyped_storage()
-    if storage in _OWN_STORAGES:
-        return False
-    return (storage.nbytes() > p.numel() * p.element_size()
-            or torch._C._storage_Use_Count(storage._cdata) > _sole_use_count())
+    if storage.nbytes() > p.numel() * p.element_size():  # a view into a larger storage (a
+        return True  # ZeRO bucket, FSDP1's flat param, a row of one of our own aliases)
+    return (storage not in _OWN_STORAGES
+            and torch._C._storage_Use_Count(storage._cdata) > _sole_use_count())
 
 
 @functools.cache
@@ -99,9 +99,10 @@ def _storage_address(p: torch.Tensor) -> int:
 
 
 def overlapping(params: list[torch.Tensor]) -> set[int]:
-    """ids of the params whose memory (a DTensor's local one) overlaps another's."""
+    """ids of the params whose memory (a DTensor's local one) overlaps another's (a param
+    listed twice is one param)."""
     spans = []
-    for p in params:
+    for p in {id(p): p for p in params}.values():
         t = _local(p)
         if t.numel():
             extent = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))

@@ -166,10 +166,10 @@ class FusedAdam(Optimizer):
                  for gb, group, o in zip(layout, self.param_groups, options)]
         if not any(stale):
             return
-        # Params whose memory overlaps, across groups (one launch steps every group): found
-        # when a group is (re)built, which also rebuilds a group whose params it now overlaps.
-        overlap = overlapping([p for group in self.param_groups for p in group["params"]
-                               if p.requires_grad or p.grad is not None])
+        # Params whose memory overlaps, across groups (one launch steps every group), frozen
+        # ones included (a trainable row of a frozen param stays its row): found when a group
+        # is (re)built, which also rebuilds a group whose params it now overlaps.
+        overlap = overlapping([p for group in self.param_groups for p in group["params"]])
         for i, group in enumerate(self.param_groups):
             if stale[i] or layout[i].ordered_ids != overlap & set(map(id, group["params"])):
                 # Released first: its aliases would count as other users of the params' storage.
@@ -222,7 +222,10 @@ class FusedAdam(Optimizer):
                                                               buf.dtype)
                     todo.append((buf, prepare, fn))
             updates.append((group, todo))
+        states = len(self.state)
         prepared = [[(buf, prepare()) for buf, prepare, _ in todo] for _, todo in updates]
+        if len(self.state) != states and not torch.compiler.is_compiling():
+            self._order_states()
         if not torch.compiler.is_compiling():  # every buffer has compared and adopted
             self._watch.dirty = False
             self.__dict__["_state_values"] = list(self.state.values())
@@ -283,6 +286,16 @@ class FusedAdam(Optimizer):
         for buf in copied:  # their update back where the params live
             buf.end()
         return loss
+
+    def _order_states(self) -> None:
+        """States in the order torch.optim makes them, its params' order (buffers make them
+        buffer by buffer: large and overlapping params have buffers of their own, after the
+        packed ones); `state_dict()` numbers them in that order. The dicts stay the same."""
+        order = {id(p): k for k, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        keys = sorted(self.state, key=lambda p: order.get(id(p), len(order)))
+        if not all(map(operator.is_, keys, self.state)):
+            for p in keys:
+                self.state[p] = self.state.pop(p)
 
     @property
     def skipped_steps(self) -> torch.Tensor:

@@ -553,3 +553,47 @@ def test_clipping_float64_params():
         ref.step()
     for p, r in zip(params, refs):
         torch.testing.assert_close(p, r, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("frozen_after", [False, True], ids=["trainable", "frozen"])
+def test_a_view_of_a_repointed_param_stays_its_view(frozen_after):
+    """A row of a param the optimizer re-pointed, made later and added as a group (with the
+    original frozen, or not): its updates land in the original's memory, as torch's do (found
+    by review: the row was re-pointed into a buffer of its own)."""
+    def run(make):
+        a = torch.nn.Parameter(torch.randn(4, 5, generator=torch.Generator().manual_seed(0)))
+        c = torch.nn.Parameter(torch.ones(3))
+        opt = make([{"params": [a, c]}])
+        a.grad, c.grad = torch.ones(4, 5), torch.ones(3)
+        opt.step()
+        if frozen_after:
+            a.requires_grad_(False)
+            a.grad = None
+        b = torch.nn.Parameter(a.data[1])
+        opt.add_param_group({"params": [b], "lr": 0.05})
+        for step in range(3):
+            gen = torch.Generator().manual_seed(step)
+            b.grad, c.grad = torch.randn(5, generator=gen), torch.randn(3, generator=gen)
+            if not frozen_after:
+                a.grad = torch.randn(4, 5, generator=gen)
+            opt.step()
+            c.data = c.data.clone() if step == 1 else c.data  # a re-pack of a's group
+        assert b.data_ptr() == a.data[1].data_ptr()
+        return a.detach().clone()
+    ours = run(lambda groups: FusedAdamW(groups, lr=0.1))
+    ref = run(lambda groups: torch.optim.AdamW(groups, lr=0.1, foreach=False))
+    assert_close(ours, ref, "cpu", "a", "training loop")
+
+
+def test_states_are_made_in_the_params_order():
+    """Large and overlapping params have buffers of their own: their states still come in
+    param order, as torch makes them (found by review), so state_dict numbers them as torch."""
+    x = torch.randn(8, 4)
+    params = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(x), torch.nn.Parameter(x[0]),
+              torch.nn.Parameter(torch.randn(5))]
+    opt = FusedAdamW(params, lr=0.1)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert [id(p) for p in opt.state] == [id(p) for p in params]
+    assert list(opt.state_dict()["state"]) == [0, 1, 2, 3]
