@@ -560,8 +560,9 @@ class FlatBuffer:
         """Count the step (unless `counted` in bulk) and return what to update: (operands,
         spans) pairs, spans as (start, end, step count) with the count a float, or a 0-dim
         device tensor with device step counts. First the buffer's own operands (`operands`),
-        then each in-place param's (its spans carry a fourth value: the index base of its random
-        bits for stochastic rounding). With `found_inf` (a device scalar, nonzero to skip) the step
+        then each in-place param's (its spans carry the index base of its random bits for
+        stochastic rounding, and a key equal for params with equal step counts: one row for
+        them, not one per shard, when the counts are on the device). With `found_inf` (a device scalar, nonzero to skip) the step
         counts only where it is zero, on the device. Copied params are copied in here: `end`
         copies them back after the update."""
         if active == []:  # only states were adopted
@@ -586,7 +587,8 @@ class FlatBuffer:
             if i in self.in_place:
                 operands = self._in_place_operands(i)  # (random bits keyed on its place in
                 # our layout, as a packed param's: not on 0 for every in-place param)
-                work.append((operands, [(0, operands[0].numel(), steps[i], self.bounds[i])]))
+                work.append((operands, [(0, operands[0].numel(), steps[i], self.bounds[i],
+                                         (self, keys[i]))]))
         return work
 
     def operands(self) -> tuple:

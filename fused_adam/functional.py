@@ -100,26 +100,30 @@ class Launch:
 
     def add(self, operands, spans, options: dict, multiplier=None) -> None:
         """`operands` of one buffer (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master),
-        its spans (start, end, step count[, index base of the random bits, default start]) with
-        the group's `options` (hyper_row's keywords)."""
+        its spans (start, end, step count[, index base of the random bits, default start[, a
+        key equal for spans whose device step counts are equal]]) with the group's `options`
+        (hyper_row's keywords). Spans of one group with one step count share a row."""
         buffer = len(self.lists[0])
         for lst, t in zip(self.lists, operands):
             if t is not None:
                 lst.append(t)
-        for start, end, step, *index_base in spans:
-            key = None if torch.is_tensor(step) else (id(options), step)
+        for start, end, step, *more in spans:
+            on_device = torch.is_tensor(step)
+            same = more[1] if len(more) > 1 else None if on_device else step
+            key = None if same is None else (id(options), same)
             row = self._row_of.get(key)
             if row is None:
                 row = len(self.rows)
-                if key is None:  # (stochastic rounding needs host step counts)
+                if on_device:  # (stochastic rounding needs host step counts)
                     self.rows.append(device_row(step=step, **{
                         k: v for k, v in options.items() if k != "stochastic_rounding_seed"}))
                 else:
                     self.rows.append(hyper_row(step=step, **options))
+                if key is not None:
                     self._row_of[key] = row
                     self._held.append(options)
                 self.multipliers.append(multiplier)
-            self.segments += (buffer, start, end - start, row, index_base[0] if index_base else start)
+            self.segments += (buffer, start, end - start, row, more[0] if more else start)
 
     def table(self, device: torch.device) -> torch.Tensor:
         """The hyperparameter table: on the host when every row and multiplier is, else on

@@ -235,3 +235,25 @@ def test_views_into_a_foreign_storage_are_stepped_where_they_are(device, backend
         assert torch.equal(view.view(value.shape), value)
     for view, value in zip(buf.views["grad"], first):
         assert not view.any()  # the grads were read in place, not copied
+
+
+def test_shards_with_device_step_counts_share_one_row(monkeypatch):
+    """Params stepped in place with step counts on the device (skip_nonfinite, capturable, a
+    GradScaler) and equal counts: one hyperparameter row computed on the device, not one per
+    param (1000 FSDP2 shards cost ~10 small ops each a step)."""
+    import fused_adam.functional as functional
+    calls = []
+    real = functional.device_row
+    monkeypatch.setattr(functional, "device_row", lambda **kw: calls.append(1) or real(**kw))
+    bucket = torch.randn(400)
+    params = [torch.nn.Parameter(bucket[10 * k:10 * k + 10]) for k in range(40)]
+    refs = clone_params(params)
+    opt = FusedAdamW(params, lr=1e-2, skip_nonfinite=True)
+    ref = torch.optim.AdamW(refs, lr=1e-2, foreach=False)
+    for step in range(3):
+        set_grads(params, refs, step, skip=(5,) if step == 1 else ())
+        calls.clear()
+        opt.step()
+        ref.step()
+        assert len(calls) == (2 if step == 2 else 1)  # param 5 counts one step less from then
+    assert_optimizers_match(opt, ref, "cpu", "training loop")
