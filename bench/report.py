@@ -91,8 +91,10 @@ def render(results_dir: Path = RESULTS) -> str:
 def draw(results_dir: Path = RESULTS) -> None:
     """The plots of each results file, drawn from its rows."""
     from bench import plots
-    for path in sorted(results_dir.glob("bench-*.json")):
-        plots.plot(json.loads(path.read_text()), results_dir)
+    for device in ("cuda", "cpu"):  # (bench-distributed-*.json is another table, no plot)
+        path = results_dir / f"bench-{device}.json"
+        if path.exists():
+            plots.plot(json.loads(path.read_text()), results_dir)
 
 
 def update(readme: Path = ROOT / "README.md") -> None:
