@@ -175,6 +175,8 @@ def test_the_report_draws_the_plots_of_a_cut_bench(tmp_path):
     results = json.loads((gpu_check.ROOT / "bench" / "results" / "bench-cpu.json").read_text())
     results["rows"] = [r for r in results["rows"] if r["section"] == "models"]  # cut after models
     (tmp_path / "bench-cpu.json").write_text(json.dumps(results))
+    # bench/distributed.py's table sits beside it, in another format: no plot of its own
+    (tmp_path / "bench-distributed-cpu.json").write_text(json.dumps({"rows": [{"engine": "FSDP2"}]}))
     report.draw(tmp_path)
     assert (tmp_path / "bench-cpu-models.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "bench-cpu-sweep.png").exists()
