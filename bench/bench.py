@@ -294,6 +294,11 @@ def environment(device):
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, cwd=ROOT).stdout.strip()
+        # A lent GPU box gets the working tree over an older checkout (its HEAD was a session's
+        # first commit, 2026-11-27): then the code is not that commit's, and says so.
+        if subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "fused_adam", "csrc"],
+                          cwd=ROOT).returncode == 1:
+            commit += "+changes"
     except OSError:
         commit = ""
     try:
