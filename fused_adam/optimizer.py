@@ -196,6 +196,7 @@ class FusedAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        compiling = torch.compiler.is_compiling()
         if getattr(self, "found_inf", None) is not None and not self._amp:
             self._amp = True  # a GradScaler: re-pack once with step counts on the device
         self._sync_layout()
@@ -205,7 +206,7 @@ class FusedAdam(Optimizer):
         # A state dict replaced or deleted (`del opt.state[p]`, `opt.state.clear()`): the dicts
         # in order are no longer the ones the last step left (identity, ~25 ns a param).
         values = self.__dict__.get("_state_values", ())
-        if not torch.compiler.is_compiling() and (len(self.state) != len(values) or not all(
+        if not compiling and (len(self.state) != len(values) or not all(
                 map(operator.is_, self.state.values(), values))):
             self._watch.dirty = True
         updates = []  # (group, [(buffer, prepare, backend function)])
@@ -224,9 +225,9 @@ class FusedAdam(Optimizer):
             updates.append((group, todo))
         states = len(self.state)
         prepared = [[(buf, prepare()) for buf, prepare, _ in todo] for _, todo in updates]
-        if len(self.state) != states and not torch.compiler.is_compiling():
+        if len(self.state) != states and not compiling:
             self._order_states()
-        if not torch.compiler.is_compiling():  # every buffer has compared and adopted
+        if not compiling:  # every buffer has compared and adopted
             self._watch.dirty = False
             self.__dict__["_state_values"] = list(self.state.values())
         # GradScaler sets grad_scale (None once unscaled) and found_inf for this call when
