@@ -6,7 +6,8 @@ Sections (all by default):
   models     GPT-2 124M, a Llama-style 1B (CPU: widths / 4, the same 146 tensors), ViT-B/16 and
              1024 x 16K: ms/step and the ratio to torch fused
   small      1000 tensors of 1 to 4K elements, where launches and Python dominate: host time of
-             one step() call (on CPU the whole step)
+             one step() call (on CPU the whole step); once in one group, once in 24 groups of
+             layer-wise lr decay and per-group weight decay (one launch for all of them)
   precision  one 16M tensor: the mixed-precision options, each with its own bytes/param
 
 Every provider steps its own copy of identical params and grads; all run in one process,
@@ -97,6 +98,13 @@ def small_1000():
     """1000 tensors of 1 to 4096 elements (seeded), 2.0M params in all."""
     gen = torch.Generator().manual_seed(1)
     return [(int(n),) for n in torch.randint(1, 4097, (1000,), generator=gen)]
+
+
+def layerwise_groups(params, groups=24):
+    """Layer-wise lr decay with per-group weight decay: `groups` param groups (params dealt
+    round-robin), lr 1e-3 * 0.9**k, weight decay 0.01 * (k % 3), as fine-tuning recipes set."""
+    return [dict(params=params[k::groups], lr=1e-3 * 0.9**k, weight_decay=0.01 * (k % 3))
+            for k in range(groups)]
 
 
 # ---- providers -------------------------------------------------------------------------------
@@ -406,8 +414,11 @@ def main(argv=None):
             for name, shapes in models(device).items():
                 run("models", name, shapes, table)
         elif section == "small":
-            run("small", "1000 x 1-4K", small_1000(),
-                {k: v for k, v in table.items() if k != COPY}, host=True)
+            no_copy = {k: v for k, v in table.items() if k != COPY}
+            run("small", "1000 x 1-4K", small_1000(), no_copy, host=True)
+            run("small", "24 groups, 1000 x 1-4K", small_1000(),
+                {k: Provider(p.label, lambda ps, make=p.make: make(layerwise_groups(ps)), p.dtype,
+                             p.bytes_per_param) for k, p in no_copy.items()}, host=True)
         else:
             run("precision", "2^24", [(1 << 24,)], precision_providers())
     print(header(results))

@@ -12,7 +12,7 @@ def test_harness_writes_table_json_csv_and_plots(tmp_path):
     results = bench.main(["--device", "cpu", "--sections", "sweep", "small", "--sizes", "10", "11",
                           "--budget", "0.01", "--out", str(tmp_path)])
     rows = results["rows"]
-    assert {r["case"] for r in rows} == {"2^10", "2^11", "1000 x 1-4K"}
+    assert {r["case"] for r in rows} == {"2^10", "2^11", "1000 x 1-4K", "24 groups, 1000 x 1-4K"}
     providers = {r["provider"] for r in rows}
     assert {"torch for-loop", "torch foreach", "torch fused", "device copy",
             "fused_adam[torch]"} <= providers
