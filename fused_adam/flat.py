@@ -326,9 +326,10 @@ class FlatBuffer:
         user code re-pointed since is stale (its address is not its segment's)."""
         flat = self.state[key]
         self.ptrs[key] = [flat.data_ptr() + start * flat.element_size() for start in self.bounds[:-1]]
-        for view, ptr in zip(self.views[key], self.ptrs[key]):
-            if view.data_ptr() == ptr:
-                view.data = _alias(view)
+        for i, (view, ptr) in enumerate(zip(self.views[key], self.ptrs[key])):
+            if view.data_ptr() == ptr:  # (an alias of a fresh view, which holds the buffer: one
+                # of `view` itself pointed `view` at itself, and the buffer could be freed)
+                view.data = self._make_view(flat, i)
 
     def _allocate_states(self) -> None:
         """The state buffers and their per-param views: moments zero, the master copy the params'

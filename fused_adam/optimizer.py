@@ -68,7 +68,7 @@ class FusedAdam(Optimizer):
         the scaler not calling step() on an overflow."""
         return any(g.get("skip_nonfinite") for g in self.param_groups)
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
                  bias_correction=True, master_weights=False, state_dtype=None,
@@ -226,7 +226,7 @@ class FusedAdam(Optimizer):
         states = len(self.state)
         prepared = [[(buf, prepare()) for buf, prepare, _ in todo] for _, todo in updates]
         if len(self.state) != states and not compiling:
-            self._order_states()
+            self._order_states(states)
         if not compiling:  # every buffer has compared and adopted
             self._watch.dirty = False
             self.__dict__["_state_values"] = list(self.state.values())
@@ -288,14 +288,16 @@ class FusedAdam(Optimizer):
             buf.end()
         return loss
 
-    def _order_states(self) -> None:
-        """States in the order torch.optim makes them, its params' order (buffers make them
-        buffer by buffer: large and overlapping params have buffers of their own, after the
-        packed ones); `state_dict()` numbers them in that order. The dicts stay the same."""
+    def _order_states(self, kept: int) -> None:
+        """The states this step made (after the first `kept`) in the order torch.optim makes
+        them, its params' order, after the states made before, as torch's appear when each param
+        first steps (buffers make them buffer by buffer: large and overlapping params have
+        buffers of their own, after the packed ones). `state_dict()` numbers them so."""
         order = {id(p): k for k, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        keys = sorted(self.state, key=lambda p: order.get(id(p), len(order)))
-        if not all(map(operator.is_, keys, self.state)):
-            for p in keys:
+        made = list(self.state)[kept:]
+        ordered = sorted(made, key=lambda p: order.get(id(p), len(order)))
+        if not all(map(operator.is_, ordered, made)):
+            for p in ordered:
                 self.state[p] = self.state.pop(p)
 
     @property

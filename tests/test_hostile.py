@@ -597,3 +597,42 @@ def test_states_are_made_in_the_params_order():
     opt.step()
     assert [id(p) for p in opt.state] == [id(p) for p in params]
     assert list(opt.state_dict()["state"]) == [0, 1, 2, 3]
+
+
+def test_states_made_later_come_after_the_earlier_ones():
+    """A param that first steps later gets its state after the others', as in torch (found by
+    review: all states were sorted into param order)."""
+    def run(make):
+        params = [torch.nn.Parameter(torch.ones(3)) for _ in range(3)]
+        opt = make(params)
+        for step in range(2):
+            for k, p in enumerate(params):
+                p.grad = None if (step == 0 and k == 0) else torch.ones(3)
+            opt.step()
+        return list(opt.state_dict()["state"])
+    assert run(lambda ps: FusedAdamW(ps)) == run(lambda ps: torch.optim.AdamW(ps)) == [1, 2, 0]
+
+
+def test_states_a_compiled_first_step_made_outlive_the_optimizer():
+    """States allocated by a compiled first step, then aliased at the first eager step, hold
+    their buffer: a state_dict taken then keeps its values after the optimizer is gone (found by
+    review: the aliases pointed at themselves and the buffer was freed under them)."""
+    import gc
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.LayerNorm(16),
+                                torch.nn.Linear(16, 32), torch.nn.Linear(32, 50))
+    opt = FusedAdamW([{"params": [p for p in model.parameters() if p.dim() > 1]},
+                      {"params": [p for p in model.parameters() if p.dim() <= 1],
+                       "weight_decay": 0.0}], lr=1e-2)
+    step = torch.compile(opt.step)  # inductor: its graph allocates the states
+    for k in range(4):
+        x = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(k))
+        model(x).square().mean().backward()
+        (step if k < 3 else opt.step)()
+        opt.zero_grad()
+    state = opt.state_dict()["state"]
+    snapshot = {k: {n: t.clone() for n, t in s.items()} for k, s in state.items()}
+    del opt, step
+    gc.collect()
+    junk = [torch.full((1 << 16,), -7.0) for _ in range(200)]  # takes memory freed above
+    assert junk and all(torch.equal(t, snapshot[k][n]) for k, s in state.items() for n, t in s.items())
