@@ -180,26 +180,21 @@ def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
 
     `step` is the step count including this one (1 on the first step). The scalars are computed
     once in double precision, as `_single_tensor_adam` computes them in Python; kernels receive
-    them rounded to fp32, as ATen's ops do. One segment of `step_segments_`.
+    them rounded to fp32, as ATen's ops do. A launch of one segment (`Launch`).
     """
-    options = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                   decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
-                   bias_correction=bias_correction)
     if torch.is_tensor(step):  # a tensor lr stays a tensor: read on the device
         if stochastic_rounding_seed is not None:
             raise ValueError("stochastic rounding needs the step count on the host")
-        hyper = device_row(step=step.to(param.device), **options)[None]
-    else:
-        hyper = torch.tensor([hyper_row(step=step, stochastic_rounding_seed=stochastic_rounding_seed,
-                                        **options)], dtype=torch.float64)
-    if clip_coef is not None:
-        hyper = hyper.to(clip_coef.device, copy=True)
-        hyper[:, GRAD_MULT] *= clip_coef
-    step_segments_([param], [grad], [exp_avg], [exp_avg_sq],
-                   [] if max_exp_avg_sq is None else [max_exp_avg_sq],
-                   [] if master is None else [master], hyper, [0, 0, param.numel(), 0, index_base],
-                   stochastic=stochastic_rounding_seed is not None, found_inf=found_inf,
-                   backend=backend)
+        step = step.to(param.device)
+    launch = Launch(backends.resolve(backend, param.device, param.dtype),
+                    stochastic=stochastic_rounding_seed is not None)
+    launch.add((param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master),
+               [(0, param.numel(), step, index_base)],
+               dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                    decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
+                    bias_correction=bias_correction,
+                    stochastic_rounding_seed=stochastic_rounding_seed), clip_coef)
+    launch.run(found_inf)
 
 
 def lowbias32(x: int) -> int:
