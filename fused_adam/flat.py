@@ -1,5 +1,7 @@
-"""Flat buffers: one contiguous buffer per (param group, device, dtype) for params, grads and each
-optimizer state, so a step is one backend call per buffer instead of one per tensor.
+"""Flat buffers: one contiguous buffer per (device, dtype, Layout) for params, grads and each
+optimizer state, shared by every param group with that Layout (lr, betas, eps and weight decay
+are rows of the launch, not buffers), so a step is one backend call per kind of buffer instead of
+one per tensor or group.
 
 Params are re-pointed (`p.data = view`) into the buffer, keeping their strides (a channels_last
 weight stays channels_last), so the model and `model.state_dict()` keep working. Grads that are
@@ -18,7 +20,7 @@ storage (`p.data = t`, `model.to()`), a grad's (`p.grad.data = t`, `p.grad.set_(
 state tensor or dict (`opt.state[p]["exp_avg"] = t`, `exp_avg.data = t`, `del opt.state[p]`);
 each step checks for that first and adopts the new values, as torch.optim would use them.
 Params with `requires_grad=False` and no grad get no buffer space and no state (LoRA freezes most
-of a model); one that later gets a grad re-packs its group.
+of a model); one that later gets a grad re-packs its group's buffers.
 Params whose storage another engine owns are not re-pointed but copied in and out: each step
 copies the param (its local shard) and its grad into the buffer before the update and back after
 it. Those are DTensor shards (FSDP2, whose all-gather reads the shard's own storage; their states
@@ -231,11 +233,18 @@ class Layout:
 
 
 class FlatBuffer:
-    """The params of one group that share a device and dtype, packed with their grads and state."""
+    """Params that share a device, dtype and Layout, packed with their grads and state; they may
+    come from several param groups (`groups`: each param's group index, a group's params
+    consecutive), each group's spans stepped with its own hyperparameter row."""
 
-    def __init__(self, params: list[torch.Tensor], layout: Layout, watch: Watch, solo=False,
-                 ordered=False):
+    def __init__(self, params: list[torch.Tensor], layout: Layout, watch: Watch, groups=None,
+                 solo=False, ordered=False):
         self.params, self.watch = params, watch
+        self.groups = [0] * len(params) if groups is None else list(groups)
+        # [first, last) param index of each group: consecutive, as the packing adds them
+        self.group_range: dict[int, list[int]] = {}
+        for i, g in enumerate(self.groups):
+            self.group_range.setdefault(g, [i, i])[1] = i + 1
         # ordered: a param whose memory overlaps another's, stepped alone and in order
         self.ordered = ordered
         self.device, self.dtype, self.grad_dtype = buffer_key(params[0])
@@ -248,6 +257,8 @@ class FlatBuffer:
             bounds.append(bounds[-1] + (size if solo else -(-size // ALIGN) * ALIGN))
         self.bounds = bounds  # segment i is [bounds[i], bounds[i + 1]), padding included
         self.total = bounds[-1]
+        # the spans of a step of every param with one step count: one per group
+        self.group_runs = [(bounds[a], bounds[b], a) for a, b in self.group_range.values()]
         make = lambda dtype: torch.zeros(self.total, dtype=dtype, device=self.device)  # noqa: E731
         self.state_dtypes = {k: layout.state_dtype(k, self.dtype)
                              for k in STATE_KEYS[: 3 if layout.amsgrad else 2]}
@@ -559,13 +570,13 @@ class FlatBuffer:
 
     def begin(self, active, found_inf=None, counted=False) -> list[tuple[tuple, list]]:
         """Count the step (unless `counted` in bulk) and return what to update: (operands,
-        spans) pairs, spans as (start, end, step count) with the count a float, or a 0-dim
-        device tensor with device step counts. First the buffer's own operands (`operands`),
-        then each in-place param's (its spans carry the index base of its random bits for
-        stochastic rounding, and a key equal for params with equal step counts: one row for
-        them, not one per shard, when the counts are on the device). With `found_inf` (a device scalar, nonzero to skip) the step
-        counts only where it is zero, on the device. Copied params are copied in here: `end`
-        copies them back after the update."""
+        spans) pairs. A span is (start, end, step count, index base of its random bits for
+        stochastic rounding, key, group): the count a float, or a 0-dim device tensor with device
+        step counts; spans of one group with equal keys share a hyperparameter row (equal host
+        counts, or device counts known equal: one row per group, not one per shard or run).
+        First the buffer's own operands (`operands`), then each in-place param's. With
+        `found_inf` (a device scalar, nonzero to skip) the step counts only where it is zero, on
+        the device. Copied params are copied in here: `end` copies them back after the update."""
         if active == []:  # only states were adopted
             return []
         if self.copied:  # copied in just before the update (a param sharing their storage
@@ -576,20 +587,24 @@ class FlatBuffer:
         if not counted:
             self._count_step(active, found_inf)
         steps = self.steps if self.device_steps else self.steps.tolist()
-        keys = self.history if self.device_steps else steps
+        if self.device_steps:
+            keys = [(self, h) for h in self.history]
+        else:
+            keys = steps
+        groups = self.groups
         if not self.in_place:
-            return [(self.operands(), [(start, end, steps[first]) for start, end, first in
-                                       self._runs(active, keys)])]
+            return [(self.operands(), [(start, end, steps[first], start, keys[first], groups[first])
+                                       for start, end, first in self._runs(active, keys)])]
         stepping = range(len(self.params)) if active is None else active
         rest = [i for i in stepping if i not in self.in_place]
-        work = [(self.operands(), [(start, end, steps[first]) for start, end, first in
-                                   self._runs(rest, keys)])] if rest else []
+        work = [(self.operands(), [(start, end, steps[first], start, keys[first], groups[first])
+                                   for start, end, first in self._runs(rest, keys)])] if rest else []
         for i in stepping:
             if i in self.in_place:
                 operands = self._in_place_operands(i)  # (random bits keyed on its place in
                 # our layout, as a packed param's: not on 0 for every in-place param)
                 work.append((operands, [(0, operands[0].numel(), steps[i], self.bounds[i],
-                                         (self, keys[i]))]))
+                                         keys[i], groups[i])]))
         return work
 
     def operands(self) -> tuple:
@@ -630,12 +645,15 @@ class FlatBuffer:
             for i in active:
                 self.history[i] = hash((self.history[i], self.calls))
 
-    def step_grads(self, active) -> list[torch.Tensor]:
-        """The grads this step reads: contiguous spans of our grad buffer, and each in-place
-        param's grad where it is (what the clip norm and the non-finite check must see)."""
-        stepping = range(len(self.params)) if active is None else active
-        if active is None and not self.in_place:
+    def step_grads(self, active, group=None) -> list[torch.Tensor]:
+        """The grads this step reads (of `group`'s params only, when given): contiguous spans of
+        our grad buffer, and each in-place param's grad where it is (what the clip norm and the
+        non-finite check must see)."""
+        first, last = (0, len(self.params)) if group is None else self.group_range[group]
+        if active is None and not self.in_place and (first, last) == (0, len(self.params)):
             return [self.grad_now]
+        stepping = (range(first, last) if active is None
+                    else [i for i in active if first <= i < last])
         grads, start, end = [], None, None
         for i in stepping:
             if i in self.in_place:
@@ -653,15 +671,16 @@ class FlatBuffer:
         return grads
 
     def _runs(self, active, keys):
-        """Maximal spans of consecutive active segments with one step count (the same key), as
-        (start, end, first segment): one span, the whole buffer, unless some grads are None or
-        params joined at different times."""
+        """Maximal spans of consecutive active segments of one group with one step count (the
+        same key), as (start, end, first segment): one span per group, unless some grads are
+        None or params joined at different times."""
         if active is None and len(set(keys)) <= 1:
-            return [(0, self.total, 0)] if keys else []
-        runs = []
+            return self.group_runs
+        runs, groups = [], self.groups
         for i in range(len(self.params)) if active is None else active:
             start, end = self.bounds[i], self.bounds[i + 1]
-            if runs and runs[-1][1] == start and keys[runs[-1][2]] == keys[i]:
+            if runs and runs[-1][1] == start and keys[runs[-1][2]] == keys[i] and (
+                    groups[runs[-1][2]] == groups[i]):
                 runs[-1][1] = end
             else:
                 runs.append([start, end, i])
@@ -682,43 +701,30 @@ class FlatBuffer:
             self.grad.zero_()
 
 
-class GroupBuffers:
-    """The flat buffers of one param group, and the check that they still hold its params."""
+class GroupRecord:
+    """What one param group's part of the buffers was built from, and the check that it still
+    holds: the group's params, options (its Layout) and storages."""
 
-    def __init__(self, params: list[torch.Tensor], layout: Layout, state, watch: Watch,
-                 overlapping: set[int] = frozenset()):
-        by_key: dict[tuple, list[torch.Tensor]] = {}
+    def __init__(self, params: list[torch.Tensor], layout: Layout, overlapping: set[int]):
         # A param listed twice (torch warns, then updates it twice a step) is stepped once.
         unique = list({id(p): p for p in params}.values())
         # Frozen params (no grad now, none to come) get no buffer space: torch gives them no
         # state. One that gets a grad later re-packs the group (is_current).
         self.frozen = [p for p in unique if not (p.requires_grad or p.grad is not None)]
-        packed = [p for p in unique if p.requires_grad or p.grad is not None]
+        self.packed = [p for p in unique if p.requires_grad or p.grad is not None]
         # Params whose memory overlaps another's (`overlapping`: ids, over every group) step
         # one after another where they are, each in a buffer of its own, in order: each sees
         # the update of the one before. Params that only share a storage (views into a ZeRO
         # bucket) step where they are, side by side.
-        self.ordered_ids = {id(p) for p in packed} & overlapping
-        solo, serial = [], []
-        for p in packed:
-            _check_writable(p)
-            if id(p) in self.ordered_ids:
-                serial.append(p)
-            elif (p.numel() >= SOLO_NUMEL and p.is_contiguous() and not p.is_complex()
-                    and not _is_external(p)):
-                solo.append(p)
-            else:
-                by_key.setdefault(buffer_key(p), []).append(p)
-        self.buffers = [FlatBuffer(ps, layout, watch) for ps in by_key.values()] + [
-            FlatBuffer([p], layout, watch, solo=True) for p in solo] + [
-            FlatBuffer([p], layout, watch, ordered=True) for p in serial]
-        for buf in self.buffers:
-            buf.adopt_state(state)
+        self.ordered_ids = {id(p) for p in self.packed} & overlapping
         self.layout = layout
         self.ids = [id(p) for p in params]
-        self.packed = packed
-        self.local = functools.partial(map, _local) if any(b.external for b in self.buffers) else iter
-        self.ptrs = list(map(torch.Tensor.data_ptr, self.local(packed)))
+        self.local = (functools.partial(map, _local) if any(map(_is_dtensor, self.packed))
+                      else iter)
+        self.ptrs: list[int] = []  # where the packed params are, once packed (`settle`)
+
+    def settle(self) -> None:
+        self.ptrs = list(map(torch.Tensor.data_ptr, self.local(self.packed)))
 
     def is_current(self, params: list[torch.Tensor], layout: Layout) -> bool:
         """False when the group's params or options changed, a frozen param got a grad, or a
@@ -733,13 +739,99 @@ class GroupBuffers:
                      or list(map(torch.Tensor.data_ptr, self.local(self.packed))) == self.ptrs))
 
 
-def clip_coefficient(prepared, max_norm: float, grad_scale=None) -> torch.Tensor | None:
+class Packing:
+    """The flat buffers of every param group. Params of one device, dtype and Layout share a
+    buffer whatever their group (1000 single-param groups: one buffer, one launch, a row per
+    group); params of SOLO_NUMEL elements and more, and params whose memory overlaps another's,
+    have buffers of their own. A change to a group (its params, its Layout, a storage replaced,
+    a frozen param's first grad) rebuilds only the buffers that hold its params."""
+
+    def __init__(self):
+        self.records: list[GroupRecord] = []
+        self.buffers: list[FlatBuffer] = []
+
+    def stale(self, groups: list[dict], layouts: list[Layout]) -> set[int]:
+        """Indices of the groups (old or new) whose buffers no longer hold them."""
+        records = self.records
+        return {i for i in range(max(len(groups), len(records)))
+                if i >= len(groups) or i >= len(records)
+                or not records[i].is_current(groups[i]["params"], layouts[i])}
+
+    def sync(self, groups: list[dict], layouts: list[Layout], state, watch: Watch) -> None:
+        """Rebuild the buffers of stale groups (and of groups that share a buffer with one),
+        adopting every state `state` holds for their params."""
+        stale = self.stale(groups, layouts)
+        if not stale:
+            return
+        # Params whose memory overlaps, across groups (one launch steps every group), frozen
+        # ones included (a trainable row of a frozen param stays its row): found when a group
+        # is (re)built, which also rebuilds a group whose params it now overlaps.
+        overlap = overlapping([p for group in groups for p in group["params"]])
+        records = [None if i in stale else r for i, r in enumerate(self.records[:len(groups)])]
+        records += [None] * (len(groups) - len(records))
+        for i, record in enumerate(records):
+            if record is not None and record.ordered_ids != overlap & {id(p) for p in record.packed}:
+                stale.add(i)
+                records[i] = None
+        for i, record in enumerate(records):
+            if record is None:
+                records[i] = GroupRecord(groups[i]["params"], layouts[i], overlap)
+        rebuilt = [b for b in self.buffers if not stale.isdisjoint(b.group_range)]
+        kept = [b for b in self.buffers if stale.isdisjoint(b.group_range)]
+        # Kept groups' params that shared a rebuilt buffer are packed again with them.
+        moved = {(g, id(p)) for b in rebuilt for p, g in zip(b.params, b.groups) if g not in stale}
+        entries = [(p, g) for g, record in enumerate(records) for p in record.packed
+                   if g in stale or (g, id(p)) in moved]
+        # Released first: a buffer's aliases count as other users of the params' storage.
+        self.buffers, self.records = kept, []
+        del rebuilt
+        made = _pack(entries, records, watch)
+        for buf in made:
+            buf.adopt_state(state)
+        for g in stale | {g for g, _ in moved}:  # where their params are now
+            if g < len(groups):
+                records[g].settle()
+        position = {id(p): (g, k) for g, record in enumerate(records)
+                    for k, p in enumerate(record.packed)}
+        # In param order: ordered buffers are stepped in it (each sees the one before).
+        self.buffers = sorted(kept + made, key=lambda b: position[id(b.params[0])])
+        self.records = records
+
+    def is_current(self, groups: list[dict], layouts: list[Layout]) -> bool:
+        return not self.stale(groups, layouts)
+
+
+def _pack(entries: list[tuple[torch.Tensor, int]], records: list[GroupRecord],
+          watch: Watch) -> list[FlatBuffer]:
+    """Buffers for (param, group index) entries, in group order: one per (device, dtype, Layout),
+    one per large param stepped in its own storage, one per param that overlaps another."""
+    by_key: dict[tuple, list[tuple[torch.Tensor, int]]] = {}
+    solo, serial = [], []
+    for p, g in entries:
+        _check_writable(p)
+        layout = records[g].layout
+        if id(p) in records[g].ordered_ids:
+            serial.append((p, g))
+        elif (p.numel() >= SOLO_NUMEL and p.is_contiguous() and not p.is_complex()
+                and not _is_external(p)):
+            solo.append((p, g))
+        else:
+            by_key.setdefault((*buffer_key(p), layout), []).append((p, g))
+    return [FlatBuffer([p for p, _ in group], key[-1], watch, [g for _, g in group])
+            for key, group in by_key.items()] + [
+        FlatBuffer([p], records[g].layout, watch, [g], solo=True) for p, g in solo] + [
+        FlatBuffer([p], records[g].layout, watch, [g], ordered=True) for p, g in serial]
+
+
+def clip_coefficient(prepared, max_norm: float, grad_scale=None,
+                     group: int | None = None) -> torch.Tensor | None:
     """`torch.nn.utils.clip_grad_norm_`'s coefficient for the grads of `prepared` ((buffer,
-    active) pairs), as a device tensor: min(1, max_norm / (total norm + 1e-6)), no host sync.
-    With `grad_scale` the grads are scaled: the norm is of the unscaled ones."""
+    active) pairs; of param group `group` only, when given), as a device tensor: min(1, max_norm
+    / (total norm + 1e-6)), no host sync. With `grad_scale` the grads are scaled: the norm is of
+    the unscaled ones."""
     # (fp32 sums for bf16/fp16 grads; float64 ones keep their own precision, as torch's)
     norms = [torch.linalg.vector_norm(g, dtype=None if g.dtype == torch.float64 else torch.float32)
-             for buf, active in prepared for g in buf.step_grads(active)]
+             for buf, active in prepared for g in buf.step_grads(active, group)]
     if not norms:
         return None
     device = norms[0].device

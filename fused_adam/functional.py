@@ -85,9 +85,9 @@ def step_segments_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master
 
 class Launch:
     """The segments of one launch, gathered buffer by buffer across param groups, then stepped
-    by one backend call: one row per (group, step count) on the host, one per span with a step
-    count on the device; a group's grad multiplier (clip coefficient, GradScaler's inverse
-    scale) multiplies its rows' grad_mult."""
+    by one backend call: one row per (group, step count), on the host or the device; a group's
+    grad multiplier (clip coefficient, GradScaler's inverse scale) multiplies its rows'
+    grad_mult."""
 
     def __init__(self, backend_fn, stochastic: bool):
         self.backend_fn, self.stochastic = backend_fn, stochastic
@@ -96,26 +96,24 @@ class Launch:
         self.rows: list = []  # host rows (lists of floats) or device rows (tensors)
         self.multipliers: list = []  # per row: None or the group's multiplier tensor
         self._row_of: dict[tuple, int] = {}
-        self._held: list[dict] = []  # the options keyed by id: alive, so no id is reused
         self._plain = True  # every row from the host, no multiplier: the table as it is
 
-    def add(self, operands, spans, options: dict, multiplier=None) -> None:
-        """`operands` of one buffer (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master),
-        its spans (start, end, step count[, index base of the random bits, default start[, a
-        key equal for spans whose device step counts are equal]]) with the group's `options`
-        (hyper_row's keywords). Spans of one group with one step count share a row."""
+    def add(self, operands, spans, options_of: list[dict], multiplier_of: list) -> None:
+        """`operands` of one buffer (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master)
+        and its spans (start, end, step count, index base of the random bits, key, group): group
+        g's options (hyper_row's keywords) are options_of[g], its multiplier (None or a tensor)
+        multiplier_of[g]. Spans of one group with one key (None: none) share a row."""
         buffer = len(self.lists[0])
         for lst, t in zip(self.lists, operands):
             if t is not None:
                 lst.append(t)
-        for start, end, step, *more in spans:
-            on_device = torch.is_tensor(step)
-            same = more[1] if len(more) > 1 else None if on_device else step
-            key = None if same is None else (id(options), same)
-            row = self._row_of.get(key)
+        for start, end, step, base, same, g in spans:
+            key = None if same is None else (g, same)
+            row = None if key is None else self._row_of.get(key)
             if row is None:
                 row = len(self.rows)
-                if on_device:  # (stochastic rounding needs host step counts)
+                options = options_of[g]
+                if torch.is_tensor(step):  # (stochastic rounding needs host step counts)
                     self._plain = False
                     self.rows.append(device_row(step=step, **{
                         k: v for k, v in options.items() if k != "stochastic_rounding_seed"}))
@@ -123,10 +121,9 @@ class Launch:
                     self.rows.append(hyper_row(step=step, **options))
                 if key is not None:
                     self._row_of[key] = row
-                    self._held.append(options)
-                self.multipliers.append(multiplier)
-                self._plain &= multiplier is None
-            self.segments += (buffer, start, end - start, row, more[0] if more else start)
+                self.multipliers.append(multiplier_of[g])
+                self._plain &= multiplier_of[g] is None
+            self.segments += (buffer, start, end - start, row, base)
 
     def table(self, device: torch.device) -> torch.Tensor:
         """The hyperparameter table: on the host when every row and multiplier is, else on
@@ -189,11 +186,11 @@ def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     launch = Launch(backends.resolve(backend, param.device, param.dtype),
                     stochastic=stochastic_rounding_seed is not None)
     launch.add((param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master),
-               [(0, param.numel(), step, index_base)],
-               dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+               [(0, param.numel(), step, index_base, None, 0)],
+               [dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                     decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
                     bias_correction=bias_correction,
-                    stochastic_rounding_seed=stochastic_rounding_seed), clip_coef)
+                    stochastic_rounding_seed=stochastic_rounding_seed)], [clip_coef])
     launch.run(found_inf)
 
 

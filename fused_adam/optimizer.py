@@ -15,8 +15,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import backends
-from .flat import (GroupBuffers, Layout, Watch, buffer_key, clip_coefficient, nonfinite,
-                   overlapping)
+from .flat import Layout, Packing, Watch, buffer_key, clip_coefficient, nonfinite
 from .functional import Launch
 
 
@@ -45,8 +44,8 @@ class FusedAdam(Optimizer):
       backend: "auto" (default), "triton", "cuda", "cpu" or "torch"; see `fused_adam.backends`.
     """
 
-    _layout: list[GroupBuffers] | None = None
-    _layout_state = None
+    _packing: Packing | None = None
+    _packing_state = None  # the `self.state` the packing adopted
     _amp = False
 
     @property
@@ -144,7 +143,7 @@ class FusedAdam(Optimizer):
         """torch's, then this optimizer's checks and the group's buffers; a group that fails any
         of them is not added (torch's own checks raise before it is)."""
         super().add_param_group(param_group)
-        if self._layout is None:  # torch's __init__ adding the first groups: __init__ checks
+        if self._packing is None:  # torch's __init__ adding the first groups: __init__ checks
             return
         try:
             _check_group(self.param_groups[-1])
@@ -153,42 +152,25 @@ class FusedAdam(Optimizer):
             self.param_groups.pop()
             raise
 
+    def _layouts(self) -> list[Layout]:
+        return [Layout.of(group, self._amp) for group in self.param_groups]
+
     def _sync_layout(self) -> None:
         """(Re)build the flat buffers of groups that are new or stale; after load_state_dict (a
         new `self.state`) all of them, adopting the loaded values."""
-        if self._layout is None or self._layout_state is not self.state:
-            self._layout, self._layout_state = [], self.state
-        layout = self._layout
-        del layout[len(self.param_groups):]
-        layout += [None] * (len(self.param_groups) - len(layout))
-        options = [Layout.of(group, self._amp) for group in self.param_groups]
-        stale = [gb is None or not gb.is_current(group["params"], o)
-                 for gb, group, o in zip(layout, self.param_groups, options)]
-        if not any(stale):
-            return
-        # Params whose memory overlaps, across groups (one launch steps every group), frozen
-        # ones included (a trainable row of a frozen param stays its row): found when a group
-        # is (re)built, which also rebuilds a group whose params it now overlaps.
-        overlap = overlapping([p for group in self.param_groups for p in group["params"]])
-        for i, group in enumerate(self.param_groups):
-            if stale[i] or layout[i].ordered_ids != overlap & set(map(id, group["params"])):
-                # Released first: its aliases would count as other users of the params' storage.
-                layout[i] = None
-                layout[i] = GroupBuffers(group["params"], options[i], self.state, self._watch,
-                                         overlap)
+        if self._packing is None or self._packing_state is not self.state:
+            self._packing, self._packing_state = Packing(), self.state
+        self._packing.sync(self.param_groups, self._layouts(), self.state, self._watch)
 
     def _layout_is_current(self) -> bool:
-        return (self._layout is not None and self._layout_state is self.state
-                and len(self._layout) == len(self.param_groups)
-                and all(gb is not None and gb.is_current(g["params"], Layout.of(g, self._amp))
-                        for g, gb in zip(self.param_groups, self._layout)))
+        return (self._packing is not None and self._packing_state is self.state
+                and self._packing.is_current(self.param_groups, self._layouts()))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if set_to_none or not self._layout_is_current():
             return super().zero_grad(set_to_none)
-        for group_buffers in self._layout:
-            for buf in group_buffers.buffers:
-                buf.zero_grad()
+        for buf in self._packing.buffers:
+            buf.zero_grad()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -209,22 +191,22 @@ class FusedAdam(Optimizer):
         if not compiling and (len(self.state) != len(values) or not all(
                 map(operator.is_, self.state.values(), values))):
             self._watch.dirty = True
-        updates = []  # (group, [(buffer, prepare, backend function)])
-        resolved = {}  # per step: FUSED_ADAM_BACKEND is read once, not per buffer
-        for group, group_buffers in zip(self.param_groups, self._layout):
-            todo = []
-            for buf in group_buffers.buffers:
-                prepare = buf.plan(self.state)
-                if prepare is not None:
-                    key = (group["backend"], buf.kind)
-                    fn = resolved.get(key)
-                    if fn is None:  # raises, with the reason, when the backend can't run
-                        fn = resolved[key] = backends.resolve(group["backend"], buf.device,
-                                                              buf.dtype)
-                    todo.append((buf, prepare, fn))
-            updates.append((group, todo))
+        # Each buffer's backends (its groups' choice) resolved once per (backend, kind) a step:
+        # raises, with the reason, where one can't run, before anything has changed.
+        groups = self.param_groups
+        names = [group["backend"] for group in groups]
+        uniform = all(name == names[0] for name in names)
+        resolved = {}
+        todo = []  # (buffer, prepare)
+        for buf in self._packing.buffers:
+            prepare = buf.plan(self.state)
+            if prepare is not None:
+                for name in (names[0],) if uniform else {names[g] for g in buf.group_range}:
+                    if (name, buf.kind) not in resolved:
+                        resolved[name, buf.kind] = backends.resolve(name, buf.device, buf.dtype)
+                todo.append((buf, prepare))
         states = len(self.state)
-        prepared = [[(buf, prepare()) for buf, prepare, _ in todo] for _, todo in updates]
+        prepared = [(buf, prepare()) for buf, prepare in todo]
         if len(self.state) != states and not compiling:
             self._order_states(states)
         if not compiling:  # every buffer has compared and adopted
@@ -233,55 +215,67 @@ class FusedAdam(Optimizer):
         # GradScaler sets grad_scale (None once unscaled) and found_inf for this call when
         # _step_supports_amp_scaling; skip_nonfinite looks at every grad of the step itself.
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if found_inf is None and any(g["skip_nonfinite"] for g in self.param_groups):
-            found_inf = nonfinite([p for group_prepared in prepared for p in group_prepared])
+        if found_inf is None and any(g["skip_nonfinite"] for g in groups):
+            found_inf = nonfinite(prepared)
         if found_inf is not None:
             found_inf = found_inf.float()
             counted = self.__dict__.get("_skipped_steps")
             if counted is None or counted.device != found_inf.device:
                 counted = torch.zeros((), device=found_inf.device)
             self.__dict__["_skipped_steps"] = counted + found_inf
+        bulk = [buf for buf, active in prepared if buf.counts_in_bulk(active, found_inf)]
+        if bulk:
+            torch._foreach_add_([buf.steps for buf in bulk], 1)
+        # Each group's hyperparameters and grad multiplier (clip coefficient, GradScaler's
+        # inverse scale): the rows of the launches, per group and step count.
+        inverse = None if grad_scale is None else grad_scale.double().reciprocal().float()
+        options_of, multiplier_of = [], []
+        for g, group in enumerate(groups):
+            multiplier = None
+            if group["max_grad_norm"] is not None:
+                mine = [(buf, active) for buf, active in prepared if g in buf.group_range]
+                multiplier = clip_coefficient(mine, group["max_grad_norm"], grad_scale, g)
+            if inverse is not None:
+                multiplier = inverse if multiplier is None else multiplier * inverse.to(multiplier.device)
+            beta1, beta2 = group["betas"]
+            options_of.append(dict(
+                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                maximize=group["maximize"], bias_correction=group["bias_correction"],
+                stochastic_rounding_seed=group["seed"] if group["stochastic_rounding"] else None))
+            multiplier_of.append(multiplier)
+        rounding = [bool(group["stochastic_rounding"]) for group in groups]
+        uniform = uniform and all(r == rounding[0] for r in rounding)
         # One launch per (backend, device, operand dtypes, operands present, rounding), across
         # groups: lr, betas, eps and weight decay are rows of its table, not launches.
         launches: dict[tuple, Launch] = {}
         copied = []  # buffers with params copied in, to copy out after the launches
-        bulk = [buf for group_prepared in prepared for buf, active in group_prepared
-                if buf.counts_in_bulk(active, found_inf)]
-        if bulk:
-            torch._foreach_add_([buf.steps for buf in bulk], 1)
-        for (group, todo), group_prepared in zip(updates, prepared):
-            multiplier = None
-            if group["max_grad_norm"] is not None:
-                multiplier = clip_coefficient(group_prepared, group["max_grad_norm"], grad_scale)
-            if grad_scale is not None:
-                inverse = grad_scale.double().reciprocal().float()
-                multiplier = inverse if multiplier is None else multiplier * inverse.to(multiplier.device)
-            beta1, beta2 = group["betas"]
-            options = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                           weight_decay=group["weight_decay"],
-                           decoupled_weight_decay=group["decoupled_weight_decay"],
-                           maximize=group["maximize"], bias_correction=group["bias_correction"],
-                           stochastic_rounding_seed=group["seed"] if group["stochastic_rounding"]
-                           else None)
-            for (buf, active), (_, _, fn) in zip(group_prepared, todo):
-                work = buf.begin(active, None if found_inf is None else found_inf.to(buf.device),
-                                 counted=buf.counts_in_bulk(active, found_inf))
-                stochastic = bool(group["stochastic_rounding"] and buf.may_round_stochastically)
-                if buf.ordered:  # stepped now, in order: a param whose memory overlaps this
-                    launch = Launch(fn, stochastic)  # one steps next and must see this update
-                    for operands, spans in work:
-                        launch.add(operands, spans, options, multiplier)
-                    launch.run(found_inf)
-                    buf.end()
-                    continue
-                key = (group["backend"], buf.kind, stochastic)
-                launch = launches.get(key)
-                if launch is None:
-                    launch = launches[key] = Launch(fn, stochastic)
+        for buf, active in prepared:
+            work = buf.begin(active, None if found_inf is None else found_inf.to(buf.device),
+                             counted=buf.counts_in_bulk(active, found_inf))
+            key_of = lambda g: (names[g], buf.kind,  # noqa: E731
+                                rounding[g] and buf.may_round_stochastically)
+            whole = uniform or len(buf.group_range) == 1  # one launch takes all its spans
+            if buf.ordered:  # stepped now, in order: a param whose memory overlaps this
+                key = key_of(buf.groups[0])  # one steps next and must see this update
+                launch = Launch(resolved[key[:2]], key[2])
                 for operands, spans in work:
-                    launch.add(operands, spans, options, multiplier)
-                if buf.copied:
-                    copied.append(buf)
+                    launch.add(operands, spans, options_of, multiplier_of)
+                launch.run(found_inf)
+                buf.end()
+                continue
+            for operands, spans in work:
+                parts = {key_of(buf.groups[0]): spans} if whole else {}
+                for span in () if whole else spans:
+                    parts.setdefault(key_of(span[-1]), []).append(span)
+                for key, part in parts.items():
+                    launch = launches.get(key)
+                    if launch is None:
+                        launch = launches[key] = Launch(resolved[key[:2]], key[2])
+                    launch.add(operands, part, options_of, multiplier_of)
+            if buf.copied:
+                copied.append(buf)
         for launch in launches.values():
             launch.run(found_inf)
         for buf in copied:  # their update back where the params live

@@ -184,7 +184,7 @@ def test_large_params_are_stepped_in_their_own_storage(device, backend, zero_gra
     model, ref_model = _model(device), _model(device)
     ptrs = [p.data_ptr() for p in model.parameters()]
     opt = FusedAdamW(model.parameters(), lr=1e-2, backend=backend, **options)
-    assert sum(b.solo for gb in opt._layout for b in gb.buffers) == 3  # 231, 33 and 99 elements
+    assert sum(b.solo for b in opt._packing.buffers) == 3  # 231, 33 and 99 elements
     assert [p.data_ptr() for p in model.parameters()][:3] == ptrs[:3]  # not copied
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=False,
                             amsgrad=options.get("amsgrad", False))
@@ -209,7 +209,7 @@ def test_large_params_are_stepped_in_their_own_storage(device, backend, zero_gra
     assert_optimizers_match(opt, ref, "cpu" if loose else backend, "training loop")
     assert [p.data_ptr() for p in model.parameters()][:3] == ptrs[:3]
     if zero_grad == "opt.zero_grad()":  # autograd's grads were read in place: no copy made
-        assert all(b.grad is None for gb in opt._layout for b in gb.buffers if b.solo)
+        assert all(b.grad is None for b in opt._packing.buffers if b.solo)
 
 
 @pytest.mark.parametrize("device,backend", CASES)
@@ -223,7 +223,7 @@ def test_views_into_a_foreign_storage_are_stepped_where_they_are(device, backend
     first = [p.detach().clone() for p in params]
     opt = FusedAdamW(params, lr=1e-2, backend=backend)
     ref = torch.optim.AdamW(ref_params, lr=1e-2, foreach=False)
-    (buf,) = opt._layout[0].buffers  # side by side: no memory overlaps, nothing ordered
+    (buf,) = opt._packing.buffers  # side by side: no memory overlaps, nothing ordered
     assert buf.in_place == {0, 1} and not buf.ordered and not buf.copied
     for step in range(3):
         set_grads(params, ref_params, step)

@@ -226,7 +226,7 @@ def test_frozen_params_get_no_buffer_and_no_state_until_they_have_a_grad():
                           for t in (big, small))
     ours = FusedAdamW([big, small], lr=1e-2, backend="torch")
     ref = torch.optim.AdamW([ref_big, ref_small], lr=1e-2, foreach=False)
-    buffers = [b for gb in ours._layout for b in gb.buffers]
+    buffers = [b for b in ours._packing.buffers]
     assert sum(b.total for b in buffers) == 16  # the small param's segment only
     for step in range(4):
         if step == 2:  # unfrozen: from here it steps, as in torch
@@ -272,7 +272,7 @@ def test_a_storage_replaced_after_construction_is_the_params_own():
     model.double()
     model(torch.randn(2, 4, dtype=torch.float64)).sum().backward()
     opt.step()
-    assert all(not b.external for gb in opt._layout for b in gb.buffers)
+    assert all(not b.external for b in opt._packing.buffers)
 
 
 def test_share_memory_after_the_optimizer_keeps_the_model_shared():
@@ -411,7 +411,7 @@ def test_states_are_allocated_at_the_first_step_as_torchs():
     """Not at construction: the first backward would share the memory with them."""
     model = torch.nn.Linear(64, 64).to(torch.bfloat16)
     opt = FusedAdamW(model.parameters(), lr=1e-2, master_weights=True)
-    buffers = [b for gb in opt._layout for b in gb.buffers]
+    buffers = [b for b in opt._packing.buffers]
     assert all(not b.state for b in buffers)
     with torch.no_grad():  # written between construction and the first step: the master has it
         model.weight.fill_(0.5)
@@ -456,7 +456,7 @@ def test_cuda_params_are_packed_not_copied_in_and_out():
     opt = FusedAdamW(model.parameters(), lr=1e-2)
     model(torch.randn(4, 64, device="cuda")).sum().backward()
     opt.step()
-    assert all(not b.external for gb in opt._layout for b in gb.buffers)
+    assert all(not b.external for b in opt._packing.buffers)
 
 
 def test_a_repack_keeps_own_storage_params_in_their_storage(monkeypatch):
@@ -470,7 +470,7 @@ def test_a_repack_keeps_own_storage_params_in_their_storage(monkeypatch):
     ours.step()
     ours.param_groups[0]["amsgrad"] = True
     ours.step()
-    buffers = [b for gb in ours._layout for b in gb.buffers]
+    buffers = [b for b in ours._packing.buffers]
     assert any(b.solo for b in buffers) and not any(b.external for b in buffers)
 
 

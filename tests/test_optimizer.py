@@ -212,22 +212,113 @@ def test_param_groups_share_one_launch(device, backend):
         if backend == "cpu":  # (the torch backend loops over segments; Triton launches each)
             calls = [e.count for e in prof.key_averages() if e.key == "fused_adam::adam_step_"]
             assert calls == [1], calls
+    assert len(opt._packing.buffers) == 1  # one buffer for every group: one layout
     assert_optimizers_match(opt, ref, backend)
 
 
+@pytest.mark.parametrize("device,backend", CASES)
+def test_groups_in_one_buffer_clip_each_their_own_grads(device, backend):
+    """Groups sharing a buffer, each with its own max_grad_norm (or none): each group's grads
+    clipped by their own norm, as clip_grad_norm_ on that group's params before AdamW."""
+    shapes = [(5, 7), (13,), (3,), (40,), (2, 2), (9,)]
+    params = make_params(shapes, device)
+    ref_params = clone_params(params)
+    norms = [0.05, None, 1e-3]
+
+    def groups(ps, ours):
+        return [dict(params=ps[2 * i:2 * i + 2], lr=1e-2 * (i + 1),
+                     **({"max_grad_norm": n} if ours else {})) for i, n in enumerate(norms)]
+    opt = FusedAdamW(groups(params, True), backend=backend)
+    ref = torch.optim.AdamW(groups(ref_params, False), foreach=False)
+    assert len(opt._packing.buffers) == 1
+    for step in range(4):
+        set_grads(params, ref_params, step)
+        for group, norm in zip(ref.param_groups, norms):
+            if norm is not None:
+                torch.nn.utils.clip_grad_norm_(group["params"], norm)
+        opt.step()
+        ref.step()
+    assert_optimizers_match(opt, ref, backend)
+
+
+def test_changed_group_rebuilds_only_the_buffers_that_hold_its_params():
+    """A group added later gets buffers of its own (the others are kept, not copied); a frozen
+    param of one group that gets a grad, or a group popped, rebuilds the buffer its group shares
+    with others; every param and state goes on as torch's."""
+    params = make_params([(4, 3), (7,), (5,), (6,), (8,)], "cpu")
+    ref_params = clone_params(params)
+    for p in (params[1], ref_params[1]):
+        p.requires_grad_(False)
+
+    def groups(ps):
+        return [dict(params=ps[0:2], lr=1e-2), dict(params=ps[2:3], lr=2e-2, weight_decay=0.1)]
+    opt, ref = FusedAdamW(groups(params)), torch.optim.AdamW(groups(ref_params), foreach=False)
+    live = [0, 2]  # params that get grads
+
+    def steps(n, base):
+        for step in range(base, base + n):
+            set_grads(params, ref_params, step, skip=set(range(5)) - set(live))
+            opt.step()
+            ref.step()
+    steps(2, 0)
+    (shared,) = opt._packing.buffers
+    for o, ps in ((opt, params), (ref, ref_params)):
+        o.add_param_group(dict(params=ps[3:5], lr=3e-2, betas=(0.8, 0.99)))
+    live += [3, 4]
+    steps(2, 2)
+    assert shared in opt._packing.buffers and len(opt._packing.buffers) == 2
+    for p in (params[1], ref_params[1]):  # unfrozen: its group's buffer (shared) is rebuilt
+        p.requires_grad_(True)
+    live.append(1)
+    steps(2, 4)
+    assert shared not in opt._packing.buffers
+    assert_optimizers_match(opt, ref, "cpu")
+    for o in (opt, ref):
+        o.param_groups.pop()
+    steps(2, 6)
+    assert_optimizers_match(opt, ref, "cpu")
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_groups_that_round_differently_share_a_buffer(device, backend):
+    """bf16 groups in one buffer, one with stochastic rounding and one without: each group's
+    params as an optimizer of that group alone makes them, bit for bit (the first group's
+    random bits keyed on the same element indices)."""
+    from conftest import skip_if_interpreted_bf16
+    skip_if_interpreted_bf16(device, backend, [torch.bfloat16])
+    shapes = [(33,), (5, 4), (17,)]
+    both = make_params(shapes, device, dtype=torch.bfloat16)
+    alone = clone_params(both)
+    options = [dict(stochastic_rounding=True, seed=3, lr=1e-2), dict(lr=3e-2)]
+    opt = FusedAdamW([dict(params=both[:2], **options[0]), dict(params=both[2:], **options[1])],
+                     backend=backend)
+    solo = [FusedAdamW(alone[:2], backend=backend, **options[0]),
+            FusedAdamW(alone[2:], backend=backend, **options[1])]
+    assert len(opt._packing.buffers) == 1
+    for step in range(3):
+        set_grads(both, alone, step)
+        opt.step()
+        for o in solo:
+            o.step()
+    for p, q in zip(both, alone):
+        assert torch.equal(p, q)
+        for key in opt.state[p]:
+            assert torch.equal(opt.state[p][key], [o for o in solo if q in o.state][0].state[q][key])
+
+
 def test_launch_rows_follow_each_groups_options():
-    """Options built afresh per group (as step() builds them) get their own rows: a row keyed
-    by the id of a dict already freed took the previous group's lr (seen on an H100)."""
+    """Spans of different groups with equal step counts get each their group's row (rows were
+    once keyed by the id of a per-group dict already freed: a group took another's lr, seen on
+    an H100)."""
     from fused_adam.backends import resolve
     from fused_adam.functional import Launch
     fn = resolve("torch", torch.device("cpu"), torch.float32)
     buffers = [[torch.ones(16), torch.ones(16), torch.zeros(16), torch.zeros(16), None, None]
                for _ in range(6)]
     launch = Launch(fn, stochastic=False)
+    options_of = [{"lr": 2.0**-i, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8} for i in range(6)]
     for i, operands in enumerate(buffers):
-        options = {"lr": 2.0**-i, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
-        launch.add(operands, [(0, 16, 1.0)], options)
-        del options  # CPython's next dict takes its memory, and its id
+        launch.add(operands, [(0, 16, 1.0, 0, 1.0, i)], options_of, [None] * 6)
     launch.run()
     updates = [1 - b[0][0].item() for b in buffers]  # Adam's first step moves by ~lr
     assert updates == pytest.approx([2.0**-i for i in range(6)], rel=1e-3), updates
