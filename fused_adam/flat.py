@@ -37,6 +37,7 @@ stepped one after another, each copied in just before its update, as torch's loo
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import operator
 import sys
@@ -59,6 +60,11 @@ _GRAD = operator.attrgetter("grad")
 # is read in place (with zero_grad() setting grads to None, a step held 5 GiB for a 1 GiB model
 # where torch holds 4). A launch each costs ~10 us of host time against milliseconds of work.
 SOLO_NUMEL = 1 << 22
+# Packed params are split into buffers of at most 16M elements (64 MiB in fp32): construction
+# holds at most one such chunk twice (the params and their copy), and a group that changes
+# re-packs only the chunks that hold its params, not every group's (a tiny group unfrozen next
+# to a 64M-element one: 327 ms and +512 MiB with one buffer). One launch still steps them all.
+CHUNK_NUMEL = 1 << 24
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -142,6 +148,15 @@ def buffer_key(p: torch.Tensor) -> tuple[torch.device, torch.dtype, torch.dtype]
     return p.device, real(p.dtype), real(getattr(p, "grad_dtype", None) or p.dtype)
 
 
+def _elements(p: torch.Tensor) -> int:
+    """How many real elements p (a DTensor's local shard) takes in a buffer."""
+    return _local(p).numel() * (2 if p.is_complex() else 1)
+
+
+def _padded(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
 def _view(flat: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
     """A view of `flat` at `offset` shaped like `like`, with the dense strides torch gives
     `empty_like(like)` (like's own layout when it is dense, else contiguous)."""
@@ -197,6 +212,7 @@ class Layout:
     amsgrad: bool = False
     master_weights: bool = False
     device_steps: bool = False  # skip_nonfinite or capturable: step counts on the device
+    skips: bool = False  # skip_nonfinite: skipped where a grad of such a group is not finite
     exp_avg_dtype: torch.dtype | None = None  # None: fp32 with master weights, else the param's
     exp_avg_sq_dtype: torch.dtype | None = None  # max_exp_avg_sq follows it
 
@@ -217,7 +233,8 @@ class Layout:
                 dtypes = {"exp_avg": dtypes, "exp_avg_sq": dtypes}
             device_steps = device_steps or group.get("skip_nonfinite") or group.get("capturable")
             made = cls(bool(group["amsgrad"]), bool(group.get("master_weights", False)),
-                       bool(device_steps), dtypes.get("exp_avg"), dtypes.get("exp_avg_sq"))
+                       bool(device_steps), bool(group.get("skip_nonfinite")),
+                       dtypes.get("exp_avg"), dtypes.get("exp_avg_sq"))
             if key is not None:
                 _LAYOUTS[key] = made
         return made
@@ -253,8 +270,7 @@ class FlatBuffer:
         self.solo = solo
         bounds = [0]
         for p in params:
-            size = _local(p).numel() * (2 if p.is_complex() else 1)
-            bounds.append(bounds[-1] + (size if solo else -(-size // ALIGN) * ALIGN))
+            bounds.append(bounds[-1] + (_elements(p) if solo else _padded(_elements(p))))
         self.bounds = bounds  # segment i is [bounds[i], bounds[i + 1]), padding included
         self.total = bounds[-1]
         # the spans of a step of every param with one step count: one per group
@@ -287,6 +303,7 @@ class FlatBuffer:
         # torch's `step`: fp32, on the CPU; on the param's device when the step must be skipped
         # without a host sync (skip_nonfinite, GradScaler), as torch's fused/capturable keep it.
         self.device_steps = layout.device_steps
+        self.skips = layout.skips
         self.steps = torch.zeros(len(params), dtype=torch.float32,
                                  device=self.device if self.device_steps else "cpu")
         self.history, self.calls = [0] * len(params), 0
@@ -367,10 +384,10 @@ class FlatBuffer:
                 self._adopt(i, state)
         self.all_initialized = all(self.initialized)
 
-    def _adopt(self, i: int, state) -> None:
+    def _adopt(self, i: int, state) -> float:
         """Param i's state as `state[p]` holds it now (after a load, or user code replaced or
         deleted it): its values copied into this buffer, the dict's tensors made our views again;
-        an empty or missing state starts afresh, as torch's does."""
+        an empty or missing state starts afresh, as torch's does. Returns its step count."""
         p = self.params[i]
         s = state.get(p)
         self.initialized[i] = bool(s)
@@ -402,6 +419,7 @@ class FlatBuffer:
             self.unwatched.add(i)
         else:
             self.unwatched.discard(i)
+        return step
 
     def _init_state(self, i: int, state) -> None:
         # Segments of params never stepped are all zeros (adopt_state, or fresh from __init__),
@@ -517,13 +535,14 @@ class FlatBuffer:
         return functools.partial(self._prepare, state, active, foreign, stale)
 
     def _adopt_stale(self, state, stale) -> list[int]:
+        self.calls += 1
         with torch.no_grad():
             for i in stale:
-                self._adopt(i, state)
-                # Its step count is its own now: a run key no other param has (full steps
-                # never re-key, so hash(step) could equal the others' construction-time key).
-                self.calls += 1
-                self.history[i] = hash(("adopted", self.calls))
+                # Its step count is the adopted one now: a run key shared only by params adopted
+                # now with that count (full steps never re-key, so hash(step) could equal the
+                # others' construction-time key; one key per param would make a row per param
+                # after `opt.state.clear()` for good).
+                self.history[i] = hash(("adopted", self.calls, self._adopt(i, state)))
         self.all_initialized = all(self.initialized)
         return []  # no segment steps (when called from plan: no param has a grad)
 
@@ -652,8 +671,8 @@ class FlatBuffer:
         first, last = (0, len(self.params)) if group is None else self.group_range[group]
         if active is None and not self.in_place and (first, last) == (0, len(self.params)):
             return [self.grad_now]
-        stepping = (range(first, last) if active is None
-                    else [i for i in active if first <= i < last])
+        stepping = (range(first, last) if active is None  # (active: ascending indices)
+                    else active[bisect.bisect_left(active, first):bisect.bisect_left(active, last)])
         grads, start, end = [], None, None
         for i in stepping:
             if i in self.in_place:
@@ -685,6 +704,22 @@ class FlatBuffer:
             else:
                 runs.append([start, end, i])
         return runs
+
+    def release(self, indices, state) -> None:
+        """Params `indices` (no longer in any group: a popped group's, one removed from its
+        list) keep their values, grads and states in storages of their own: torch.optim keeps a
+        removed param's state, and our views would keep this whole buffer, every group's part
+        of it, alive."""
+        flats = [f for f in (None if self.solo else self.param, self.grad, self.steps,
+                             *self.state.values()) if f is not None]
+        spans = [(f.data_ptr(), f.data_ptr() + f.numel() * f.element_size()) for f in flats]
+        with torch.no_grad():
+            for i in indices:
+                p = self.params[i]
+                for t in (p, p.grad, *(state.get(p) or {}).values()):
+                    t = _local(t) if torch.is_tensor(t) else None
+                    if t is not None and any(lo <= t.data_ptr() < hi for lo, hi in spans):
+                        t.data = t.clone()
 
     def zero_grad(self) -> None:
         """`zero_grad(set_to_none=False)`: one fill for every grad that is our view; others as
@@ -782,6 +817,9 @@ class Packing:
         moved = {(g, id(p)) for b in rebuilt for p, g in zip(b.params, b.groups) if g not in stale}
         entries = [(p, g) for g, record in enumerate(records) for p in record.packed
                    if g in stale or (g, id(p)) in moved]
+        held = {id(p) for group in groups for p in group["params"]}
+        for buf in rebuilt:  # (their params that left the optimizer; frozen ones stay put)
+            buf.release([i for i, p in enumerate(buf.params) if id(p) not in held], state)
         # Released first: a buffer's aliases count as other users of the params' storage.
         self.buffers, self.records = kept, []
         del rebuilt
@@ -805,7 +843,8 @@ def _pack(entries: list[tuple[torch.Tensor, int]], records: list[GroupRecord],
           watch: Watch) -> list[FlatBuffer]:
     """Buffers for (param, group index) entries, in group order: one per (device, dtype, Layout),
     one per large param stepped in its own storage, one per param that overlaps another."""
-    by_key: dict[tuple, list[tuple[torch.Tensor, int]]] = {}
+    by_key: dict[tuple, list[list[tuple[torch.Tensor, int]]]] = {}  # chunks per key
+    filled: dict[tuple, int] = {}  # elements in each key's last chunk
     solo, serial = [], []
     for p, g in entries:
         _check_writable(p)
@@ -816,9 +855,16 @@ def _pack(entries: list[tuple[torch.Tensor, int]], records: list[GroupRecord],
                 and not _is_external(p)):
             solo.append((p, g))
         else:
-            by_key.setdefault((*buffer_key(p), layout), []).append((p, g))
-    return [FlatBuffer([p for p, _ in group], key[-1], watch, [g for _, g in group])
-            for key, group in by_key.items()] + [
+            key = (*buffer_key(p), layout)
+            chunks = by_key.setdefault(key, [[]])
+            size = _padded(_elements(p))
+            if filled.get(key, 0) + size > CHUNK_NUMEL:
+                chunks.append([])
+                filled[key] = 0
+            chunks[-1].append((p, g))
+            filled[key] = filled.get(key, 0) + size
+    return [FlatBuffer([p for p, _ in chunk], key[-1], watch, [g for _, g in chunk])
+            for key, chunks in by_key.items() for chunk in chunks if chunk] + [
         FlatBuffer([p], records[g].layout, watch, [g], solo=True) for p, g in solo] + [
         FlatBuffer([p], records[g].layout, watch, [g], ordered=True) for p, g in serial]
 

@@ -36,9 +36,11 @@ class FusedAdam(Optimizer):
       max_grad_norm: clip the group's grads to this global 2-norm inside the step, as
         `torch.nn.utils.clip_grad_norm_(group params, max_grad_norm)` before AdamW would; the
         coefficient is computed and applied on the device (one norm pass, no host sync).
-      skip_nonfinite: a step in which any grad is inf or NaN changes no param or state and does
-        not count (`skipped_steps` counts it), decided on the device; step counts then live on
-        the device, and a GradScaler's unscale and skip happen inside the update kernel.
+      skip_nonfinite: a step in which any grad of the groups with this option is inf or NaN
+        changes no param or state of those groups and does not count for them (`skipped_steps`
+        counts it), decided on the device; other groups step as torch's would. Step counts then
+        live on the device, and a GradScaler's unscale and skip happen inside the update kernel
+        (its found_inf skips every group, as the scaler skips torch's step).
       capturable: step counts, bias corrections and lr (a tensor lr is read on the device) stay
         on the device, so the step has no host sync and captures in a CUDA graph.
       backend: "auto" (default), "triton", "cuda", "cpu" or "torch"; see `fused_adam.backends`.
@@ -214,16 +216,22 @@ class FusedAdam(Optimizer):
             self.__dict__["_state_values"] = list(self.state.values())
         # GradScaler sets grad_scale (None once unscaled) and found_inf for this call when
         # _step_supports_amp_scaling; skip_nonfinite looks at every grad of the step itself.
+        # A scaler's found_inf skips every group (its grads are all scaled); our own check, of
+        # the grads of the groups with skip_nonfinite, skips just those (the others step as
+        # torch's would, non-finite values and all).
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if found_inf is None and any(g["skip_nonfinite"] for g in groups):
-            found_inf = nonfinite(prepared)
+        scaler = found_inf is not None
+        if not scaler and any(g["skip_nonfinite"] for g in groups):
+            found_inf = nonfinite([(buf, active) for buf, active in prepared if buf.skips])
         if found_inf is not None:
             found_inf = found_inf.float()
             counted = self.__dict__.get("_skipped_steps")
             if counted is None or counted.device != found_inf.device:
                 counted = torch.zeros((), device=found_inf.device)
             self.__dict__["_skipped_steps"] = counted + found_inf
-        bulk = [buf for buf, active in prepared if buf.counts_in_bulk(active, found_inf)]
+        skips = [found_inf if scaler or buf.skips else None for buf, _ in prepared]
+        bulk = [buf for (buf, active), skip in zip(prepared, skips)
+                if buf.counts_in_bulk(active, skip)]
         if bulk:
             torch._foreach_add_([buf.steps for buf in bulk], 1)
         # Each group's hyperparameters and grad multiplier (clip coefficient, GradScaler's
@@ -251,18 +259,18 @@ class FusedAdam(Optimizer):
         # groups: lr, betas, eps and weight decay are rows of its table, not launches.
         launches: dict[tuple, Launch] = {}
         copied = []  # buffers with params copied in, to copy out after the launches
-        for buf, active in prepared:
-            work = buf.begin(active, None if found_inf is None else found_inf.to(buf.device),
-                             counted=buf.counts_in_bulk(active, found_inf))
+        for (buf, active), skip in zip(prepared, skips):
+            work = buf.begin(active, None if skip is None else skip.to(buf.device),
+                             counted=buf.counts_in_bulk(active, skip))
             key_of = lambda g: (names[g], buf.kind,  # noqa: E731
-                                rounding[g] and buf.may_round_stochastically)
+                                rounding[g] and buf.may_round_stochastically, skip is not None)
             whole = uniform or len(buf.group_range) == 1  # one launch takes all its spans
             if buf.ordered:  # stepped now, in order: a param whose memory overlaps this
                 key = key_of(buf.groups[0])  # one steps next and must see this update
                 launch = Launch(resolved[key[:2]], key[2])
                 for operands, spans in work:
                     launch.add(operands, spans, options_of, multiplier_of)
-                launch.run(found_inf)
+                launch.run(skip)
                 buf.end()
                 continue
             for operands, spans in work:
@@ -276,8 +284,8 @@ class FusedAdam(Optimizer):
                     launch.add(operands, part, options_of, multiplier_of)
             if buf.copied:
                 copied.append(buf)
-        for launch in launches.values():
-            launch.run(found_inf)
+        for key, launch in launches.items():
+            launch.run(found_inf if key[3] else None)
         for buf in copied:  # their update back where the params live
             buf.end()
         return loss

@@ -257,3 +257,38 @@ def test_shards_with_device_step_counts_share_one_row(monkeypatch):
         ref.step()
         assert len(calls) == (2 if step == 2 else 1)  # param 5 counts one step less from then
     assert_optimizers_match(opt, ref, "cpu", "training loop")
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_packed_params_are_chunked_and_stepped_in_one_launch(device, backend, monkeypatch):
+    """Buffers of at most CHUNK_NUMEL elements (construction copies one chunk at a time; a
+    changed group re-packs only the chunks holding its params), all stepped by one launch."""
+    from torch.profiler import profile
+    monkeypatch.setattr(fused_adam.flat, "CHUNK_NUMEL", 64)
+    params = make_params([(20,), (30,), (17,), (40,), (5, 5), (9,)], device)
+    ref_params = clone_params(params)
+    for p in (params[5], ref_params[5]):
+        p.requires_grad_(False)
+
+    def groups(ps):
+        return [dict(params=ps[:4], lr=1e-2), dict(params=ps[4:], lr=3e-2, weight_decay=0.1)]
+    opt = FusedAdamW(groups(params), backend=backend)
+    ref = torch.optim.AdamW(groups(ref_params), foreach=False)
+    buffers = list(opt._packing.buffers)
+    # 32 + 32 | 32 + 48 > 64 | 48 | 32 (group 1's 5x5)
+    assert [len(b.params) for b in buffers] == [2, 1, 1, 1]
+    live = set(range(5))
+    for step in range(4):
+        if step == 2:  # unfrozen: group 1's chunk alone is rebuilt
+            for p in (params[5], ref_params[5]):
+                p.requires_grad_(True)
+            live.add(5)
+        set_grads(params, ref_params, step, skip=set(range(6)) - live)
+        with profile() as prof:
+            opt.step()
+        ref.step()
+        if backend == "cpu":
+            calls = [e.count for e in prof.key_averages() if e.key == "fused_adam::adam_step_"]
+            assert calls == [1], calls
+    assert opt._packing.buffers[:3] == buffers[:3] and buffers[3] not in opt._packing.buffers
+    assert_optimizers_match(opt, ref, backend)

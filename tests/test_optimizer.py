@@ -322,3 +322,32 @@ def test_launch_rows_follow_each_groups_options():
     launch.run()
     updates = [1 - b[0][0].item() for b in buffers]  # Adam's first step moves by ~lr
     assert updates == pytest.approx([2.0**-i for i in range(6)], rel=1e-3), updates
+
+
+def test_params_that_leave_keep_no_buffer_alive():
+    """A popped group's params (still in the model, their states kept as torch keeps them) get
+    storages of their own: the buffer they shared with other groups is freed, values kept."""
+    import gc
+    import weakref
+    params = make_params([(50,), (60,), (7,)], "cpu")
+    ref_params = clone_params(params)
+    opt = FusedAdamW([dict(params=params[:2]), dict(params=params[2:], lr=0.1)])
+    ref = torch.optim.AdamW([dict(params=ref_params[:2]), dict(params=ref_params[2:], lr=0.1)],
+                            foreach=False)
+    set_grads(params, ref_params, 0)
+    opt.step()
+    ref.step()
+    (buf,) = opt._packing.buffers
+    flats = [weakref.ref(t) for t in (buf.param, buf.grad, *buf.state.values())]
+    for o in (opt, ref):
+        o.param_groups.pop()
+    set_grads(params[:2], ref_params[:2], 1)
+    opt.step()
+    ref.step()
+    del buf
+    gc.collect()
+    assert all(f() is None for f in flats)
+    assert_optimizers_match(opt, ref, "cpu")
+    q, r = params[2], ref_params[2]
+    assert torch.equal(q, r) and torch.equal(opt.state[q]["exp_avg"], ref.state[r]["exp_avg"])
+    assert float(opt.state[q]["step"]) == 1.0 and torch.equal(q.grad, r.grad)

@@ -3,8 +3,8 @@ param and state bit-identical and does not count, decided on the device with no 
 import pytest
 import torch
 
-from conftest import (CASES, SHAPES, assert_optimizers_match, clone_params, forbid_host_sync,
-                      make_params, set_grads)
+from conftest import (CASES, SHAPES, assert_close, assert_optimizers_match, clone_params,
+                      forbid_host_sync, make_params, set_grads)
 from fused_adam import FusedAdamW
 
 
@@ -89,3 +89,61 @@ def test_grad_scaler_protocol_needs_no_host_sync(monkeypatch):
         del opt.grad_scale, opt.found_inf
     monkeypatch.undo()
     assert float(opt.skipped_steps) == 1.0 and float(opt.state[params[0]]["step"]) == 2.0
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("bad_group", [0, 1])
+def test_only_groups_with_skip_nonfinite_skip(device, backend, bad_group):
+    """skip_nonfinite on group 1 only: a non-finite grad there (from the first step on) skips
+    group 1 alone while group 0 steps as torch's; one in group 0 (no skip_nonfinite) goes into
+    group 0's params as torch's does, and group 1 steps."""
+    params = make_params([(7,), (3, 5), (11,), (4,)], device)
+    ref_params = clone_params(params)
+    ours = FusedAdamW([dict(params=params[:2]), dict(params=params[2:], skip_nonfinite=True)],
+                      lr=1e-2, backend=backend)
+    ref = torch.optim.AdamW([dict(params=ref_params[:2]), dict(params=ref_params[2:])], lr=1e-2,
+                            foreach=False)
+    for step in range(3):
+        set_grads(params, ref_params, step)
+        if step == 0:
+            for ps in (params, ref_params):
+                ps[2 * bad_group].grad[1] = float("nan")
+        ours.step()
+        if bad_group == 1 and step == 0:  # the reference steps only group 0
+            ref.param_groups[1]["lr"], saved = 0.0, ref.param_groups[1]["lr"]
+            kept = [p.detach().clone() for p in ref_params[2:]]
+            ref.step()
+            for p, k in zip(ref_params[2:], kept):
+                p.data.copy_(k)
+                ref.state.pop(p)
+            ref.param_groups[1]["lr"] = saved
+            continue
+        ref.step()
+    if bad_group == 0:
+        assert params[0].isnan().any() and float(ours.skipped_steps) == 0.0
+        params, ref_params = params[1:], ref_params[1:]  # (NaN != NaN)
+    else:
+        assert float(ours.skipped_steps) == 1.0
+    for p, q in zip(params, ref_params):
+        assert_close(p.detach(), q.detach(), backend, "param")
+        assert float(ours.state[p]["step"]) == float(ref.state[q]["step"])
+        for key in ref.state[q]:
+            if key != "step":
+                assert_close(ours.state[p][key], ref.state[q][key], backend, key)
+
+
+def test_state_cleared_with_device_step_counts_keeps_one_row(monkeypatch):
+    """Params whose states were adopted together with one step count (`opt.state.clear()`)
+    share a hyperparameter row: not one row per param for the rest of the run."""
+    from fused_adam.functional import Launch
+    params = make_params([(3,)] * 50, "cpu")
+    opt = FusedAdamW(params, skip_nonfinite=True)
+    set_grads(params, clone_params(params), 0)
+    opt.step()
+    opt.state.clear()
+    rows, run = [], Launch.run
+    monkeypatch.setattr(Launch, "run", lambda self, found_inf=None: (
+        rows.append(len(self.rows)), run(self, found_inf))[1])
+    opt.step()
+    opt.step()
+    assert rows == [1, 1] and float(opt.state[params[0]]["step"]) == 2.0
