@@ -65,6 +65,11 @@ SOLO_NUMEL = 1 << 22
 # re-packs only the chunks that hold its params, not every group's (a tiny group unfrozen next
 # to a 64M-element one: 327 ms and +512 MiB with one buffer). One launch still steps them all.
 CHUNK_NUMEL = 1 << 24
+# A grad autograd made (after `zero_grad()`, set_to_none, torch's default) of a packed param of
+# 64K elements and more is read where it is, not copied into our grad buffer: the copy moved 8 of
+# 36 B/param and the step freed the old grad (GPT-2 shapes on CPU: 0.49x torch fused with the
+# copy). Below that a copy costs less than a segment of its own (~2 us of host time).
+GRAD_IN_PLACE_NUMEL = 1 << 16
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -329,6 +334,11 @@ class FlatBuffer:
                       [self._make_view(flat, i) for i in range(len(params))]
                       for name, flat in flats if flat is not None}
         self.ptrs = {name: [v.data_ptr() for v in views] for name, views in self.views.items()}
+        # Whose grad a step reads where it is, when it is contiguous and of the grad dtype: an
+        # in-place param's, and a large packed param's (GRAD_IN_PLACE_NUMEL) laid out as its grad
+        self.reads_grad = self.in_place | (set() if solo else {
+            i for i, (p, view) in enumerate(zip(params, self.views["param"]))
+            if _elements(p) >= GRAD_IN_PLACE_NUMEL and not p.is_complex() and view.is_contiguous()})
         if not solo:
             for alias in self.views["param"]:
                 _OWN_STORAGES.add(alias.untyped_storage())
@@ -556,9 +566,12 @@ class FlatBuffer:
                     self.grad = torch.empty(self.total, dtype=self.grad_dtype, device=self.device)
                 self.grad.view(g.shape).copy_(g)
             self.grad_now = self.grad if foreign else g.view(-1)
-        else:  # an in-place param's grad is read where it is when the kernels can read it
-            self.grad_operands = {i: g for i, g in foreign if i in self.in_place
-                                  and g.is_contiguous() and g.dtype == self.grad_dtype}
+        else:  # read where it is when the kernels can (not our grad object re-pointed: that
+            # one is copied into a fresh alias of its segment, which it then points to again)
+            views = self.views["grad"]
+            self.grad_operands = {i: g for i, g in foreign if i in self.reads_grad
+                                  and g.is_contiguous() and g.dtype == self.grad_dtype
+                                  and (i in self.in_place or g is not views[i])}
             foreign = [(i, g) for i, g in foreign if i not in self.grad_operands]
         if foreign and not self.solo:
             views = self.views["grad"]
@@ -611,15 +624,17 @@ class FlatBuffer:
         else:
             keys = steps
         groups = self.groups
-        if not self.in_place:
+        # segments of their own: in-place params, and params whose grad is read where it is
+        alone = self.in_place.union(self.grad_operands) if self.grad_operands else self.in_place
+        if not alone:
             return [(self.operands(), [(start, end, steps[first], start, keys[first], groups[first])
                                        for start, end, first in self._runs(active, keys)])]
         stepping = range(len(self.params)) if active is None else active
-        rest = [i for i in stepping if i not in self.in_place]
+        rest = [i for i in stepping if i not in alone]
         work = [(self.operands(), [(start, end, steps[first], start, keys[first], groups[first])
                                    for start, end, first in self._runs(rest, keys)])] if rest else []
         for i in stepping:
-            if i in self.in_place:
+            if i in alone:
                 operands = self._in_place_operands(i)  # (random bits keyed on its place in
                 # our layout, as a packed param's: not on 0 for every in-place param)
                 work.append((operands, [(0, operands[0].numel(), steps[i], self.bounds[i],
@@ -633,8 +648,9 @@ class FlatBuffer:
                 self.state.get("max_exp_avg_sq"), self.state.get(MASTER_KEY))
 
     def _in_place_operands(self, i: int) -> tuple:
-        """Param i's own storage and grad (or its copy in our grad buffer), our states' views:
-        contiguous tensors of one size, in their shapes (a kernel reads them flat)."""
+        """Param i (its own storage, or its segment of ours) and its grad where it is (or its
+        copy in our grad buffer), our states' views: contiguous tensors of one size, in their
+        shapes (a kernel reads them flat)."""
         grad = self.grad_operands.get(i)
         return (_local(self.params[i]), self.views["grad"][i] if grad is None else grad,
                 *(None if key not in self.state else self.views[key][i]
@@ -669,14 +685,15 @@ class FlatBuffer:
         our grad buffer, and each in-place param's grad where it is (what the clip norm and the
         non-finite check must see)."""
         first, last = (0, len(self.params)) if group is None else self.group_range[group]
-        if active is None and not self.in_place and (first, last) == (0, len(self.params)):
+        if (active is None and not self.in_place and not self.grad_operands
+                and (first, last) == (0, len(self.params))):
             return [self.grad_now]
         stepping = (range(first, last) if active is None  # (active: ascending indices)
                     else active[bisect.bisect_left(active, first):bisect.bisect_left(active, last)])
         grads, start, end = [], None, None
         for i in stepping:
-            if i in self.in_place:
-                grad = self.grad_operands.get(i)
+            grad = self.grad_operands.get(i)
+            if grad is not None or i in self.in_place:
                 grads.append(self.views["grad"][i] if grad is None else grad)
                 continue
             if start is not None and end == self.bounds[i]:

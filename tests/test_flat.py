@@ -170,22 +170,28 @@ def test_sparse_grad_raises_and_changes_nothing():
     assert all(torch.equal(opt.state[params[0]][k], v) for k, v in state.items())
 
 
-@pytest.fixture
-def solo(monkeypatch):
-    """Params of 32 elements and more stepped in their own storage (as 4M-element ones are)."""
-    monkeypatch.setattr(fused_adam.flat, "SOLO_NUMEL", 32)
+@pytest.fixture(params=["own storage", "grads read in place"])
+def large(request, monkeypatch):
+    """Params of 32 elements and more stepped in their own storage (as 4M-element ones are), or
+    packed with autograd's grads read where they are (as 64K-element ones are)."""
+    name = "SOLO_NUMEL" if request.param == "own storage" else "GRAD_IN_PLACE_NUMEL"
+    monkeypatch.setattr(fused_adam.flat, name, 32)
+    return request.param
 
 
 @pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("zero_grad", list(ZERO_GRADS))
 @pytest.mark.parametrize("options", [{}, dict(amsgrad=True, max_grad_norm=0.1),
                                      dict(skip_nonfinite=True)])
-def test_large_params_are_stepped_in_their_own_storage(device, backend, zero_grad, options, solo):
+def test_large_params_and_their_grads_are_read_where_they_are(device, backend, zero_grad, options,
+                                                              large):
     model, ref_model = _model(device), _model(device)
     ptrs = [p.data_ptr() for p in model.parameters()]
     opt = FusedAdamW(model.parameters(), lr=1e-2, backend=backend, **options)
-    assert sum(b.solo for b in opt._packing.buffers) == 3  # 231, 33 and 99 elements
-    assert [p.data_ptr() for p in model.parameters()][:3] == ptrs[:3]  # not copied
+    solo = large == "own storage"
+    assert sum(b.solo for b in opt._packing.buffers) == (3 if solo else 0)  # 231, 33, 99 elements
+    if solo:
+        assert [p.data_ptr() for p in model.parameters()][:3] == ptrs[:3]  # not copied
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=False,
                             amsgrad=options.get("amsgrad", False))
     max_norm = options.get("max_grad_norm")
@@ -207,9 +213,14 @@ def test_large_params_are_stepped_in_their_own_storage(device, backend, zero_gra
     # scalars there, so the torch backend spells addcdiv_ out (1 ulp a step; seen on an H100).
     loose = max_norm or (device != "cpu" and options.get("skip_nonfinite"))
     assert_optimizers_match(opt, ref, "cpu" if loose else backend, "training loop")
-    assert [p.data_ptr() for p in model.parameters()][:3] == ptrs[:3]
-    if zero_grad == "opt.zero_grad()":  # autograd's grads were read in place: no copy made
+    if solo:
+        assert [p.data_ptr() for p in model.parameters()][:3] == ptrs[:3]
+    if zero_grad == "opt.zero_grad()" and solo:  # autograd's grads read in place: no copy made
         assert all(b.grad is None for b in opt._packing.buffers if b.solo)
+    elif zero_grad == "opt.zero_grad()":  # the 3 large ones' grads are autograd's, read in place
+        (buf,) = opt._packing.buffers
+        assert set(buf.grad_operands) == {0, 1, 2}
+        assert all(p.grad is buf.grad_operands[i] for i, p in enumerate(model.parameters()) if i < 3)
 
 
 @pytest.mark.parametrize("device,backend", CASES)
