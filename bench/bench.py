@@ -4,7 +4,8 @@ Sections (all by default):
   sweep      one tensor of 2**k elements (CPU k = 12..26, GPU 12..28): GB/s from the bytes model
              and as % of a device copy of the same size timed in the same rounds
   models     GPT-2 124M, a Llama-style 1B (CPU: widths / 4, the same 146 tensors), ViT-B/16 and
-             1024 x 16K: ms/step and the ratio to torch fused
+             1024 x 16K: ms/step and the ratio to torch fused; GPT-2 once more in torch's default
+             loop (`zero_grad()` sets grads to None, each step gets grads made anew)
   small      1000 tensors of 1 to 4K elements, where launches and Python dominate: host time of
              one step() call (on CPU the whole step); once in one group, once in 24 groups of
              layer-wise lr decay and per-group weight decay (one launch for all of them)
@@ -226,27 +227,46 @@ def make_init(shapes, device):
     return params, [torch.randn(s, device=device, generator=gen) * 1e-2 for s in shapes]
 
 
-def build(provider, init, copies):
-    """`copies` optimizers over copies of the same params and grads, warmed up; also returns
-    the seconds of one warm-up step."""
+class FreshGrads:
+    """A training loop's grads: before each step `zero_grad()` (set_to_none, torch's default)
+    and grads newly made, as autograd makes them after it (untimed), then the timed step."""
+
+    def __init__(self, opt):
+        self.opt = opt
+        self.params = [p for group in opt.param_groups for p in group["params"]]
+        self.grads = [p.grad.clone() for p in self.params]
+        self.step = opt.step
+
+    def refresh(self):
+        self.opt.zero_grad()
+        for p, g in zip(self.params, self.grads):
+            p.grad = g.clone()
+
+
+def build(provider, init, copies, fresh=False):
+    """`copies` optimizers over copies of the same params and grads (FreshGrads of them with
+    `fresh`), warmed up; also returns the seconds of one warm-up step."""
     opts = []
     for _ in range(copies):
         params = [p.to(provider.dtype, copy=True).requires_grad_() for p in init[0]]
         for p, g in zip(params, init[1]):
             p.grad = g.to(provider.dtype, copy=True)
-        opts.append(provider.make(params))
+        opts.append(FreshGrads(provider.make(params)) if fresh else provider.make(params))
     t0 = time.perf_counter()
     for _ in range(WARMUP):  # state allocation, kernel compilation, first grad copy-in
         for opt in opts:
+            if fresh:
+                opt.refresh()
             opt.step()
     if init[0][0].is_cuda:
         torch.cuda.synchronize()
     return opts, (time.perf_counter() - t0) / (WARMUP * copies)
 
 
-def measure(section, case, shapes, device, table, budget, host=False):
+def measure(section, case, shapes, device, table, budget, host=False, fresh=False):
     """Rows for one case: each provider's median step time, interleaved round by round. Where
-    every provider at once would not fit in memory (a 1B model on one GPU), they run in turn."""
+    every provider at once would not fit in memory (a 1B model on one GPU), they run in turn.
+    `fresh`: each step after zero_grad() with grads made anew (FreshGrads)."""
     n = sum(math.prod(s) for s in shapes)
     work = max(p.bytes_per_param for p in table.values()) * n
     copies = 1 if host else max(1, min(MAX_COPIES, math.ceil(4 * last_level_cache(device) / work)))
@@ -255,7 +275,7 @@ def measure(section, case, shapes, device, table, budget, host=False):
     groups = [table] if together else [{k: v} for k, v in table.items()]
     clock, times, init = Clock(device, host), {}, make_init(shapes, device)
     for group in groups:
-        built = {label: build(p, init, copies) for label, p in group.items()}
+        built = {label: build(p, init, copies, fresh) for label, p in group.items()}
         reps = reps_for(sum(t for _, t in built.values()), device, budget)
         cycles = {label: itertools.cycle(opts) for label, (opts, _) in built.items()}
         group_times = {label: [] for label in group}
@@ -264,7 +284,10 @@ def measure(section, case, shapes, device, table, budget, host=False):
             # A new order each round: on the 2-core VM a step's time depends on what ran just
             # before it (bench/NOTES.md 10), which a fixed order would charge to one provider.
             for label in order.sample(list(cycles), len(cycles)):
-                group_times[label].append(clock(next(cycles[label]).step))
+                opt = next(cycles[label])
+                if fresh:
+                    opt.refresh()
+                group_times[label].append(clock(opt.step))
         times |= group_times
         del built, cycles
         if device.type == "cuda":
@@ -398,9 +421,9 @@ def main(argv=None):
     rows, out = [], Path(args.out)
     results = dict(environment(device), rows=rows)
 
-    def run(section, case, shapes, table_, host=False):
+    def run(section, case, shapes, table_, host=False, fresh=False):
         t0 = time.perf_counter()
-        new = measure(section, case, shapes, device, table_, budget, host)
+        new = measure(section, case, shapes, device, table_, budget, host, fresh)
         print(f"{section:9} {case:14} {time.perf_counter() - t0:6.1f} s  " + "  ".join(
             f"{r['provider']} {r['median_ms']:.3f}" for r in new), flush=True)
         rows.extend(new)
@@ -413,6 +436,9 @@ def main(argv=None):
         elif section == "models":
             for name, shapes in models(device).items():
                 run("models", name, shapes, table)
+            # torch's default loop: zero_grad() sets grads to None, backward makes new ones
+            run("models", "gpt2_124m, zero_grad()", gpt2_124m(),
+                {k: v for k, v in table.items() if k != COPY}, fresh=True)
         elif section == "small":
             no_copy = {k: v for k, v in table.items() if k != COPY}
             run("small", "1000 x 1-4K", small_1000(), no_copy, host=True)

@@ -53,3 +53,19 @@ def test_convergence_demo_fp32_follows_torch():
     assert ref[-1] < ref[0] - 0.5  # it learns
     assert results["fused_adam fp32, torch backend"][0] == ref
     assert max(abs(a - b) for a, b in zip(results["fused_adam fp32"][0], ref)) < 1e-4
+
+
+def test_fresh_grads_case_steps_from_grads_made_anew():
+    import torch
+    device = torch.device("cpu")
+    table = {k: v for k, v in bench.providers(device, torch.float32, ["torch", "fused"]).items()
+             if k != bench.COPY}
+    rows = bench.measure("models", "tiny, zero_grad()", [(100,), (7, 3)], device, table, 0.01,
+                         fresh=True)
+    assert {r["provider"] for r in rows} == set(table) and all(r["median_ms"] > 0 for r in rows)
+    param = torch.nn.Parameter(torch.ones(5))
+    param.grad = torch.full((5,), 2.0)
+    loop = bench.FreshGrads(torch.optim.AdamW([param]))
+    before = param.grad
+    loop.refresh()
+    assert param.grad is not before and torch.equal(param.grad, before)
