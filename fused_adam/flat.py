@@ -65,10 +65,11 @@ SOLO_NUMEL = 1 << 22
 # re-packs only the chunks that hold its params, not every group's (a tiny group unfrozen next
 # to a 64M-element one: 327 ms and +512 MiB with one buffer). One launch still steps them all.
 CHUNK_NUMEL = 1 << 24
-# A grad autograd made (after `zero_grad()`, set_to_none, torch's default) of a packed param of
-# 64K elements and more is read where it is, not copied into our grad buffer: the copy moved 8 of
-# 36 B/param and the step freed the old grad (GPT-2 shapes on CPU: 0.49x torch fused with the
-# copy). Below that a copy costs less than a segment of its own (~2 us of host time).
+# Packed params of 64K elements and more have no grad buffer: autograd's grad is read where it
+# is, each param a segment of the launch. Copying it into a buffer moved 8 more B/param (36, not
+# 28) when `zero_grad()` (set_to_none, torch's default) made grads anew each step (GPT-2 shapes
+# on CPU: 0.49x torch fused), and the buffer held 4 B/param more than torch. Below that a copy
+# costs less than a segment of its own (~2 us of host time) and the buffer stays.
 GRAD_IN_PLACE_NUMEL = 1 << 16
 
 
@@ -260,7 +261,7 @@ class FlatBuffer:
     consecutive), each group's spans stepped with its own hyperparameter row."""
 
     def __init__(self, params: list[torch.Tensor], layout: Layout, watch: Watch, groups=None,
-                 solo=False, ordered=False):
+                 solo=False, ordered=False, grad_buffer=True):
         self.params, self.watch = params, watch
         self.groups = [0] * len(params) if groups is None else list(groups)
         # [first, last) param index of each group: consecutive, as the packing adds them
@@ -297,7 +298,9 @@ class FlatBuffer:
             # (an alias, not a view: aot_autograd rejects an input that views another input)
             self.param, self.grad = _alias(params[0].detach().view(-1)), None  # grad: on demand
         else:
-            self.param, self.grad = make(self.dtype), make(self.grad_dtype)
+            # (grad_buffer False: large params, their grads read where autograd puts them)
+            self.param = make(self.dtype)
+            self.grad = make(self.grad_dtype) if grad_buffer else None
         self.grad_now = self.grad  # the grad operand of the step being prepared
         # Stochastic rounding (when the group asks) applies to bf16 params without a master.
         self.may_round_stochastically = (self.dtype == torch.bfloat16
@@ -334,11 +337,9 @@ class FlatBuffer:
                       [self._make_view(flat, i) for i in range(len(params))]
                       for name, flat in flats if flat is not None}
         self.ptrs = {name: [v.data_ptr() for v in views] for name, views in self.views.items()}
-        # Whose grad a step reads where it is, when it is contiguous and of the grad dtype: an
-        # in-place param's, and a large packed param's (GRAD_IN_PLACE_NUMEL) laid out as its grad
-        self.reads_grad = self.in_place | (set() if solo else {
-            i for i, (p, view) in enumerate(zip(params, self.views["param"]))
-            if _elements(p) >= GRAD_IN_PLACE_NUMEL and not p.is_complex() and view.is_contiguous()})
+        # Whose grad a step reads where it is (when it is contiguous and of the grad dtype): an
+        # in-place param's, and every param's without a grad buffer (else a contiguous copy).
+        self.reads_grad = set(range(len(params))) if self.grad is None else self.in_place
         if not solo:
             for alias in self.views["param"]:
                 _OWN_STORAGES.add(alias.untyped_storage())
@@ -509,8 +510,14 @@ class FlatBuffer:
                 raise RuntimeError(SPARSE_ERROR)
             usable = g.dtype == self.grad_dtype and g.is_contiguous()
             return None, [] if usable else [(0, g)]
-        views, compiling = self.views["grad"], torch.compiler.is_compiling()
+        compiling = torch.compiler.is_compiling()
         grads = [p.grad for p in self.params] if compiling else list(map(_GRAD, self.params))
+        if self.grad is None:  # no grad buffer: every grad is read where it is
+            active = [i for i, g in enumerate(grads) if g is not None]
+            if any(grads[i].layout != torch.strided for i in active):
+                raise RuntimeError(SPARSE_ERROR)
+            return (None if len(active) == len(grads) else active), [(i, grads[i]) for i in active]
+        views = self.views["grad"]
         if self.external:
             grads = [None if g is None else _local(g) for g in grads]
         if compiling:
@@ -568,11 +575,15 @@ class FlatBuffer:
             self.grad_now = self.grad if foreign else g.view(-1)
         else:  # read where it is when the kernels can (not our grad object re-pointed: that
             # one is copied into a fresh alias of its segment, which it then points to again)
-            views = self.views["grad"]
-            self.grad_operands = {i: g for i, g in foreign if i in self.reads_grad
-                                  and g.is_contiguous() and g.dtype == self.grad_dtype
-                                  and (i in self.in_place or g is not views[i])}
-            foreign = [(i, g) for i, g in foreign if i not in self.grad_operands]
+            views, operands = self.views.get("grad"), {}
+            for i, g in foreign:
+                if i in self.reads_grad and (views is None or i in self.in_place or g is not views[i]):
+                    if g.is_contiguous() and g.dtype == self.grad_dtype:
+                        operands[i] = g
+                    elif views is None:  # no buffer to copy it into: a contiguous copy
+                        operands[i] = g.contiguous().to(self.grad_dtype)
+            self.grad_operands = operands
+            foreign = [(i, g) for i, g in foreign if i not in operands]
         if foreign and not self.solo:
             views = self.views["grad"]
             # Our grad object re-pointed elsewhere (`p.grad.data = t`): copied into a new alias
@@ -626,19 +637,22 @@ class FlatBuffer:
         groups = self.groups
         # segments of their own: in-place params, and params whose grad is read where it is
         alone = self.in_place.union(self.grad_operands) if self.grad_operands else self.in_place
-        if not alone:
-            return [(self.operands(), [(start, end, steps[first], start, keys[first], groups[first])
-                                       for start, end, first in self._runs(active, keys)])]
         stepping = range(len(self.params)) if active is None else active
-        rest = [i for i in stepping if i not in alone]
-        work = [(self.operands(), [(start, end, steps[first], start, keys[first], groups[first])
-                                   for start, end, first in self._runs(rest, keys)])] if rest else []
-        for i in stepping:
+        rest = [i for i in stepping if i not in alone] if alone else active
+        work = [] if rest == [] else [(self.operands(), [
+            (start, end, steps[first], start, keys[first], groups[first])
+            for start, end, first in self._runs(rest, keys)])]
+        for i in stepping if alone else ():
             if i in alone:
                 operands = self._in_place_operands(i)  # (random bits keyed on its place in
                 # our layout, as a packed param's: not on 0 for every in-place param)
                 work.append((operands, [(0, operands[0].numel(), steps[i], self.bounds[i],
                                          keys[i], groups[i])]))
+        # The step holds this step's grads from here on: a grad autograd made, which the next
+        # zero_grad() lets go, must not outlive the step here (1 more grad's worth of memory).
+        self.grad_operands = {}
+        if self.solo:
+            self.grad_now = self.grad
         return work
 
     def operands(self) -> tuple:
@@ -741,7 +755,7 @@ class FlatBuffer:
     def zero_grad(self) -> None:
         """`zero_grad(set_to_none=False)`: one fill for every grad that is our view; others as
         torch does them."""
-        for p, view in zip(self.params, self.views.get("grad", [None])):
+        for p, view in zip(self.params, self.views.get("grad") or [None] * len(self.params)):
             g = None if p.grad is None else _local(p.grad)
             if g is not None and g is not view:
                 if g.grad_fn is not None:
@@ -749,7 +763,7 @@ class FlatBuffer:
                 else:
                     g.requires_grad_(False)
                 g.zero_()
-        if not self.solo:
+        if self.grad is not None and not self.solo:
             self.grad.zero_()
 
 
@@ -871,8 +885,10 @@ def _pack(entries: list[tuple[torch.Tensor, int]], records: list[GroupRecord],
         elif (p.numel() >= SOLO_NUMEL and p.is_contiguous() and not p.is_complex()
                 and not _is_external(p)):
             solo.append((p, g))
-        else:
-            key = (*buffer_key(p), layout)
+        else:  # (large: no grad buffer, GRAD_IN_PLACE_NUMEL)
+            large = (_elements(p) >= GRAD_IN_PLACE_NUMEL and p.is_contiguous()
+                     and not p.is_complex() and not _is_external(p))
+            key = (*buffer_key(p), large, layout)
             chunks = by_key.setdefault(key, [[]])
             size = _padded(_elements(p))
             if filled.get(key, 0) + size > CHUNK_NUMEL:
@@ -880,7 +896,8 @@ def _pack(entries: list[tuple[torch.Tensor, int]], records: list[GroupRecord],
                 filled[key] = 0
             chunks[-1].append((p, g))
             filled[key] = filled.get(key, 0) + size
-    return [FlatBuffer([p for p, _ in chunk], key[-1], watch, [g for _, g in chunk])
+    return [FlatBuffer([p for p, _ in chunk], key[-1], watch, [g for _, g in chunk],
+                       grad_buffer=not key[-2])
             for key, chunks in by_key.items() for chunk in chunks if chunk] + [
         FlatBuffer([p], records[g].layout, watch, [g], solo=True) for p, g in solo] + [
         FlatBuffer([p], records[g].layout, watch, [g], ordered=True) for p, g in serial]

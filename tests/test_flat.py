@@ -218,9 +218,9 @@ def test_large_params_and_their_grads_are_read_where_they_are(device, backend, z
     if zero_grad == "opt.zero_grad()" and solo:  # autograd's grads read in place: no copy made
         assert all(b.grad is None for b in opt._packing.buffers if b.solo)
     elif zero_grad == "opt.zero_grad()":  # the 3 large ones' grads are autograd's, read in place
-        (buf,) = opt._packing.buffers
-        assert set(buf.grad_operands) == {0, 1, 2}
-        assert all(p.grad is buf.grad_operands[i] for i, p in enumerate(model.parameters()) if i < 3)
+        (buf,) = [b for b in opt._packing.buffers if b.grad is None]  # no grad buffer
+        assert buf.params == list(model.parameters())[:3] and "grad" not in buf.views
+        assert all(p.grad.untyped_storage().nbytes() == p.grad.numel() * 4 for p in buf.params)
 
 
 @pytest.mark.parametrize("device,backend", CASES)
@@ -303,3 +303,25 @@ def test_packed_params_are_chunked_and_stepped_in_one_launch(device, backend, mo
             assert calls == [1], calls
     assert opt._packing.buffers[:3] == buffers[:3] and buffers[3] not in opt._packing.buffers
     assert_optimizers_match(opt, ref, backend)
+
+
+@pytest.mark.parametrize("kind", ["grads read in place", "own storage", "small"])
+def test_the_step_keeps_no_grad_alive_after_zero_grad(kind, monkeypatch):
+    """After `zero_grad()` (set_to_none) nothing of ours holds the grads autograd made: a step
+    holds as much memory as torch's (a grad kept to the next step cost one grad's worth)."""
+    import gc
+    import weakref
+    if kind != "small":
+        name = "SOLO_NUMEL" if kind == "own storage" else "GRAD_IN_PLACE_NUMEL"
+        monkeypatch.setattr(fused_adam.flat, name, 32)
+    model = _model("cpu")
+    opt = FusedAdamW(model.parameters(), lr=1e-2, max_grad_norm=1.0)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(4, 7)).square().mean().backward()
+        grads = [weakref.ref(p.grad) for p in model.parameters()]
+        opt.step()
+    opt.zero_grad()
+    gc.collect()
+    held = [ref() for ref in grads]
+    assert all(g is None for g in held[:3]), [g is None for g in held]
