@@ -137,6 +137,26 @@ def _alias(view: torch.Tensor) -> torch.Tensor:
     return torch.from_dlpack(view)
 
 
+def _check_grad(p: torch.Tensor, g: torch.Tensor) -> None:
+    """Raises, before anything changes, where torch's step would on grad `g` (local tensors): a
+    sparse grad, or one whose shape does not broadcast to the param's (torch's in-place ops)."""
+    if g.layout != torch.strided:
+        raise RuntimeError(SPARSE_ERROR)
+    if g.shape != p.shape:
+        shape = torch.broadcast_shapes(p.shape, g.shape)  # (torch's error when they do not)
+        if shape != p.shape:
+            raise RuntimeError(f"output with shape {list(p.shape)} doesn't match the broadcast "
+                               f"shape {list(shape)}")
+
+
+def _dense_grad(g: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`g` as a kernel reads a grad: p's shape (broadcast, as torch's ops do), contiguous,
+    `dtype`; g itself when it is all that."""
+    if g.shape == p.shape and g.dtype == dtype and g.is_contiguous():
+        return g
+    return g.expand(p.shape).to(dtype).contiguous()  # (.to(memory_format=) keeps stride 0)
+
+
 def _check_writable(p: torch.Tensor) -> None:
     """torch.optim's in-place update of an expanded param raises this; so do we, before any
     step (instead of silently stepping a materialized copy its base never sees)."""
@@ -502,20 +522,18 @@ class FlatBuffer:
         # By identity, and (eager) by address: p.grad keeps the object we assigned (autograd
         # accumulates into it), but `p.grad.data = t` or `p.grad.set_(t)` (Horovod) re-points
         # that object. torch.compile traces `is`, not data_ptr, attrgetter or map over `is_`.
-        if self.solo:  # autograd's grad is the operand where it can be; else copied
+        if self.solo:  # autograd's grad is the operand where it can be; else a dense copy
             g = self.params[0].grad
             if g is None:
                 return [], []
-            if g.layout != torch.strided:
-                raise RuntimeError(SPARSE_ERROR)
-            usable = g.dtype == self.grad_dtype and g.is_contiguous()
-            return None, [] if usable else [(0, g)]
+            _check_grad(self.params[0], g)
+            return None, [(0, g)]
         compiling = torch.compiler.is_compiling()
         grads = [p.grad for p in self.params] if compiling else list(map(_GRAD, self.params))
         if self.grad is None:  # no grad buffer: every grad is read where it is
             active = [i for i, g in enumerate(grads) if g is not None]
-            if any(grads[i].layout != torch.strided for i in active):
-                raise RuntimeError(SPARSE_ERROR)
+            for i in active:
+                _check_grad(self.params[i], grads[i])
             return (None if len(active) == len(grads) else active), [(i, grads[i]) for i in active]
         views = self.views["grad"]
         if self.external:
@@ -533,8 +551,8 @@ class FlatBuffer:
         for i, g in enumerate(grads):
             if g is None:
                 continue
-            if g.layout != torch.strided:
-                raise RuntimeError(SPARSE_ERROR)
+            if g is not views[i]:
+                _check_grad(_local(self.params[i]), g)
             active.append(i)
             if g is not views[i] or i in moved:
                 foreign.append((i, g))
@@ -566,22 +584,18 @@ class FlatBuffer:
     def _prepare(self, state, active, foreign, stale):
         if stale:
             self._adopt_stale(state, stale)
-        if self.solo:
-            g = self.params[0].grad
-            if foreign:
-                if self.grad is None:
-                    self.grad = torch.empty(self.total, dtype=self.grad_dtype, device=self.device)
-                self.grad.view(g.shape).copy_(g)
-            self.grad_now = self.grad if foreign else g.view(-1)
+        if self.solo:  # (a copy for this step only when autograd's grad can't be read)
+            self.grad_now = _dense_grad(self.params[0].grad, self.params[0], self.grad_dtype).view(-1)
         else:  # read where it is when the kernels can (not our grad object re-pointed: that
             # one is copied into a fresh alias of its segment, which it then points to again)
             views, operands = self.views.get("grad"), {}
             for i, g in foreign:
                 if i in self.reads_grad and (views is None or i in self.in_place or g is not views[i]):
-                    if g.is_contiguous() and g.dtype == self.grad_dtype:
+                    p = _local(self.params[i])
+                    if g.shape == p.shape and g.is_contiguous() and g.dtype == self.grad_dtype:
                         operands[i] = g
-                    elif views is None:  # no buffer to copy it into: a contiguous copy
-                        operands[i] = g.contiguous().to(self.grad_dtype)
+                    elif views is None:  # no buffer to copy it into: a dense copy
+                        operands[i] = _dense_grad(g, p, self.grad_dtype)
             self.grad_operands = operands
             foreign = [(i, g) for i, g in foreign if i not in operands]
         if foreign and not self.solo:
@@ -736,18 +750,19 @@ class FlatBuffer:
                 runs.append([start, end, i])
         return runs
 
-    def release(self, indices, state) -> None:
+    def release(self, indices, state, grads_only=False) -> None:
         """Params `indices` (no longer in any group: a popped group's, one removed from its
         list) keep their values, grads and states in storages of their own: torch.optim keeps a
         removed param's state, and our views would keep this whole buffer, every group's part
-        of it, alive."""
+        of it, alive. `grads_only`: just their grads (params re-packed elsewhere, whose new
+        buffer may read grads where they are)."""
         flats = [f for f in (None if self.solo else self.param, self.grad, self.steps,
                              *self.state.values()) if f is not None]
         spans = [(f.data_ptr(), f.data_ptr() + f.numel() * f.element_size()) for f in flats]
         with torch.no_grad():
             for i in indices:
                 p = self.params[i]
-                for t in (p, p.grad, *(state.get(p) or {}).values()):
+                for t in (p.grad,) if grads_only else (p, p.grad, *(state.get(p) or {}).values()):
                     t = _local(t) if torch.is_tensor(t) else None
                     if t is not None and any(lo <= t.data_ptr() < hi for lo, hi in spans):
                         t.data = t.clone()
@@ -755,9 +770,11 @@ class FlatBuffer:
     def zero_grad(self) -> None:
         """`zero_grad(set_to_none=False)`: one fill for every grad that is our view; others as
         torch does them."""
-        for p, view in zip(self.params, self.views.get("grad") or [None] * len(self.params)):
+        views = self.views.get("grad") or [None] * len(self.params)
+        for p, view, ptr in zip(self.params, views, self.ptrs.get("grad") or views):
             g = None if p.grad is None else _local(p.grad)
-            if g is not None and g is not view:
+            # (our grad object re-pointed by `p.grad.data = t` is t: zeroed, as torch's)
+            if g is not None and (g is not view or g.data_ptr() != ptr):
                 if g.grad_fn is not None:
                     g.detach_()
                 else:
@@ -851,6 +868,7 @@ class Packing:
         held = {id(p) for group in groups for p in group["params"]}
         for buf in rebuilt:  # (their params that left the optimizer; frozen ones stay put)
             buf.release([i for i, p in enumerate(buf.params) if id(p) not in held], state)
+            buf.release([i for i, p in enumerate(buf.params) if id(p) in held], state, True)
         # Released first: a buffer's aliases count as other users of the params' storage.
         self.buffers, self.records = kept, []
         del rebuilt

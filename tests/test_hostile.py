@@ -636,3 +636,76 @@ def test_states_a_compiled_first_step_made_outlive_the_optimizer():
     gc.collect()
     junk = [torch.full((1 << 16,), -7.0) for _ in range(200)]  # takes memory freed above
     assert junk and all(torch.equal(t, snapshot[k][n]) for k, s in state.items() for n, t in s.items())
+
+
+@pytest.mark.parametrize("where", ["buffer", "no grad buffer", "own storage"])
+def test_grads_of_another_shape_broadcast_or_raise_as_torch(where, monkeypatch):
+    """A grad re-pointed to a tensor of another shape (`p.grad.data = t`): one that broadcasts to
+    the param is used so, as torch's in-place ops use it; one that does not (same size, other
+    shape) raises, with nothing changed (it was read flat where grads are read in place)."""
+    import fused_adam.flat
+    if where != "buffer":
+        name = "SOLO_NUMEL" if where == "own storage" else "GRAD_IN_PLACE_NUMEL"
+        monkeypatch.setattr(fused_adam.flat, name, 8)
+    params = make_params([(4, 3), (5,)], "cpu")
+    ref_params = clone_params(params)
+    ours = FusedAdamW(params, lr=1e-2)
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, foreach=False)
+    for step in range(3):
+        set_grads(params, ref_params, step)
+        if step:
+            for p in (params[0], ref_params[0]):
+                p.grad.data = torch.full((3,), 0.5 * step)  # broadcasts over (4, 3)
+        ours.step()
+        ref.step()
+    assert_optimizers_match(ours, ref, "cpu")
+    before = [p.detach().clone() for p in params], float(ours.state[params[1]]["step"])
+    params[0].grad.data = torch.ones(3, 4)
+    params[1].grad = torch.ones(5)
+    with pytest.raises(RuntimeError, match="broadcast|must match"):
+        ours.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before[0]))
+    assert float(ours.state[params[1]]["step"]) == before[1]
+
+
+def test_zero_grad_zeroes_a_grad_repointed_by_user_code():
+    """`p.grad.data = t`, then `zero_grad(set_to_none=False)`: torch zeroes t, and backward
+    accumulates from zero (we zeroed our buffer and kept t's old values: 7.0 for 2.0)."""
+    def run(make):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = make([p])
+        p.grad = torch.ones(3)
+        opt.step()
+        p.grad.data = torch.full((3,), 5.0)
+        opt.zero_grad(set_to_none=False)
+        (2 * p).sum().backward()
+        opt.step()
+        return p.grad.clone(), p.detach().clone()
+    ours, ref = run(lambda ps: FusedAdamW(ps, lr=0.1)), run(lambda ps: torch.optim.AdamW(ps, lr=0.1))
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[0], torch.full((3,), 2.0))
+    assert_close(ours[1], ref[1], "cpu", "param")
+
+
+@pytest.mark.filterwarnings("ignore:grad and param do not obey")  # (w's layout changed: torch's)
+def test_a_repack_lets_the_old_grad_buffer_go(monkeypatch):
+    """A param re-packed into a buffer without a grad buffer (its storage replaced) takes its
+    grad out of the old grad buffer, which is then freed."""
+    import gc
+    import weakref
+    import fused_adam.flat
+    monkeypatch.setattr(fused_adam.flat, "GRAD_IN_PLACE_NUMEL", 40)
+    w = torch.nn.Parameter(torch.randn(8, 3, 2, 2).to(memory_format=torch.channels_last))
+    b = torch.nn.Parameter(torch.randn(5))
+    opt = FusedAdamW([w, b])
+    for step in range(3):
+        opt.zero_grad(set_to_none=False)
+        (w.square().sum() + b.sum()).backward()
+        opt.step()
+        if step == 0:
+            (buf,) = opt._packing.buffers  # channels_last: in the buffer with grads
+            old = weakref.ref(buf.grad)
+            del buf
+            w.data = w.data.contiguous()  # re-packed into a buffer without a grad buffer
+    gc.collect()
+    assert old() is None
+    assert w.grad.untyped_storage().nbytes() == w.numel() * 4
