@@ -47,6 +47,7 @@ class FusedAdam(Optimizer):
     """
 
     _packing: Packing | None = None
+    _skipped_steps: torch.Tensor | None = None  # (skipped_steps)
     _packing_state = None  # the `self.state` the packing adopted
     _amp = False
 
@@ -90,6 +91,9 @@ class FusedAdam(Optimizer):
         for group in self.param_groups:
             _check_group(group)
         self._sync_layout()
+        skipping = [p for g in self.param_groups if g["skip_nonfinite"] for p in g["params"]]
+        if skipping:  # (made here, not in a first step that torch.compile traces)
+            self._skipped_steps = torch.zeros((), device=skipping[0].device)
 
     @staticmethod
     def _check_backend(name: str, device: torch.device, dtype: torch.dtype) -> None:
@@ -225,10 +229,11 @@ class FusedAdam(Optimizer):
             found_inf = nonfinite([(buf, active) for buf, active in prepared if buf.skips])
         if found_inf is not None:
             found_inf = found_inf.float()
-            counted = self.__dict__.get("_skipped_steps")
+            counted = self._skipped_steps
             if counted is None or counted.device != found_inf.device:
-                counted = torch.zeros((), device=found_inf.device)
-            self.__dict__["_skipped_steps"] = counted + found_inf
+                counted = self._skipped_steps = torch.zeros((), device=found_inf.device)
+            # In place: a compiled step mutates its input (an attribute set there is lost).
+            counted.add_(found_inf)
         skips = [found_inf if scaler or buf.skips else None for buf, _ in prepared]
         bulk = [buf for (buf, active), skip in zip(prepared, skips)
                 if buf.counts_in_bulk(active, skip)]
@@ -306,7 +311,7 @@ class FusedAdam(Optimizer):
     def skipped_steps(self) -> torch.Tensor:
         """How many steps were skipped for a non-finite grad (skip_nonfinite, GradScaler): a
         tensor on the device where it was decided, so reading it is the only sync."""
-        return self.__dict__.get("_skipped_steps", torch.zeros(()))
+        return torch.zeros(()) if self._skipped_steps is None else self._skipped_steps
 
 
 class FusedAdamW(FusedAdam):

@@ -147,3 +147,17 @@ def test_state_cleared_with_device_step_counts_keeps_one_row(monkeypatch):
     opt.step()
     opt.step()
     assert rows == [1, 1] and float(opt.state[params[0]]["step"]) == 2.0
+
+
+def test_a_compiled_step_counts_its_skipped_steps():
+    """`skipped_steps` under `torch.compile(opt.step)`: the count is a tensor the step adds to
+    in place (an attribute set inside the compiled step was lost: it stayed 0)."""
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = FusedAdamW([p], lr=torch.tensor(0.01), capturable=True, skip_nonfinite=True)
+    step = torch.compile(opt.step, fullgraph=True, backend=CompileCounter())
+    for t in range(4):
+        p.grad = torch.randn(10) if t % 2 else torch.full((10,), float("nan"))
+        step()
+    assert float(opt.skipped_steps) == 2.0 and float(opt.state[p]["step"]) == 2.0
