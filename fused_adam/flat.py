@@ -149,10 +149,15 @@ def _check_grad(p: torch.Tensor, g: torch.Tensor) -> None:
                                f"shape {list(shape)}")
 
 
+def _readable(g: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a kernel reads grad `g` of param `p` as it is: p's shape, contiguous, `dtype`."""
+    return g.shape == p.shape and g.dtype == dtype and g.is_contiguous()
+
+
 def _dense_grad(g: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`g` as a kernel reads a grad: p's shape (broadcast, as torch's ops do), contiguous,
-    `dtype`; g itself when it is all that."""
-    if g.shape == p.shape and g.dtype == dtype and g.is_contiguous():
+    """`g` as a kernel reads a grad: itself when `_readable`, else a copy in p's shape
+    (broadcast, as torch's ops do), contiguous, `dtype`."""
+    if _readable(g, p, dtype):
         return g
     return g.expand(p.shape).to(dtype).contiguous()  # (.to(memory_format=) keeps stride 0)
 
@@ -592,10 +597,10 @@ class FlatBuffer:
             for i, g in foreign:
                 if i in self.reads_grad and (views is None or i in self.in_place or g is not views[i]):
                     p = _local(self.params[i])
-                    if g.shape == p.shape and g.is_contiguous() and g.dtype == self.grad_dtype:
-                        operands[i] = g
-                    elif views is None:  # no buffer to copy it into: a dense copy
+                    if views is None:  # no buffer to copy it into: a dense copy if need be
                         operands[i] = _dense_grad(g, p, self.grad_dtype)
+                    elif _readable(g, p, self.grad_dtype):
+                        operands[i] = g
             self.grad_operands = operands
             foreign = [(i, g) for i, g in foreign if i not in operands]
         if foreign and not self.solo:
