@@ -9,7 +9,9 @@ Sections (all by default):
   small      1000 tensors of 1 to 4K elements, where launches and Python dominate: host time of
              one step() call (on CPU the whole step); once in one group, once in 24 groups of
              layer-wise lr decay and per-group weight decay (one launch for all of them)
-  precision  one 16M tensor: the mixed-precision options, each with its own bytes/param
+  precision  one 16M tensor: the mixed-precision options, each with its own bytes/param, and
+             each row's stream limit: its bytes at the rate of an in-place pass over fp32
+             (`add_`, read and write the same memory as a step does) timed in the same rounds
 
 Every provider steps its own copy of identical params and grads; all run in one process,
 interleaved round by round, so machine noise hits them alike. CPU: perf_counter per step, median of
@@ -50,6 +52,7 @@ SECTIONS = ("sweep", "models", "small", "precision")
 TORCH_PROVIDERS = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True),
                    "fused": dict(fused=True)}
 COPY = "device copy"
+STREAM = "in-place stream"
 WARMUP = 3
 MAX_COPIES = 32  # rotating optimizer copies for small sizes; more only costs set-up time
 
@@ -129,6 +132,17 @@ class DeviceCopy:
         self.dst.copy_(self.src)
 
 
+class InPlaceStream:
+    """`buf.add_(1)` over as many fp32 elements as the params: the precision section's reference,
+    8 B/element read and written in place, as a step reads and writes its operands."""
+
+    def __init__(self, params):
+        self.buf = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
+
+    def step(self):
+        self.buf.add_(1.0)
+
+
 def providers(device, dtype, keys):
     """Ours once per backend available here, torch's three implementations, the device copy."""
     size = torch.finfo(dtype).bits // 8
@@ -147,21 +161,24 @@ def providers(device, dtype, keys):
 
 
 def precision_providers():
-    """The mixed-precision options (`auto` backend) and torch fused on bf16 params."""
+    """The mixed-precision options (`auto` backend), torch fused on fp32 and bf16 params, and
+    the in-place stream. Bytes: each operand read, and written where the step writes it."""
     bf16, fp32 = torch.bfloat16, torch.float32
     ours = lambda **kw: lambda ps: fused_adam.FusedAdamW(ps, lr=1e-3, **kw)  # noqa: E731
+    torch_fused = lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)  # noqa: E731
     table = [
-        # bf16 p r/w 4, bf16 g 2, fp32 master r/w 8, fp32 m, v r/w 16 (the param is read too:
-        # a write by user code since the last step wins over the master)
+        ("fused_adam fp32", ours(), fp32, 28),  # p r/w 8, g 4, m, v r/w 16
+        ("fused_adam fp32, bf16 states", ours(state_dtype=bf16), fp32, 20),  # m, v r/w 8
+        # bf16 p r/w 4, g 2, fp32 master r/w 8, m, v r/w 16 (the param is read too: a write by
+        # user code since the last step wins over the master)
         ("fused_adam bf16 + fp32 master", ours(master_weights=True), bf16, 32),
-        # fp32 p r/w 8, g 4, bf16 m, v r/w 8
-        ("fused_adam fp32, bf16 states", ours(state_dtype=bf16), fp32, 20),
-        # bf16 p r/w 4, g 2, fp32 m, v r/w 16
-        ("fused_adam bf16, stochastic rounding",
-         ours(stochastic_rounding=True, state_dtype=fp32), bf16, 22),
-        # fp32 reference and torch on bf16 (bf16 m, v: 14 B)
-        ("torch fused", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), fp32, 28),
-        ("torch fused, bf16", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), bf16, 14),
+        ("fused_adam bf16, stochastic rounding, fp32 states",
+         ours(stochastic_rounding=True, state_dtype=fp32), bf16, 22),  # p r/w 4, g 2, m, v 16
+        ("fused_adam bf16, stochastic rounding", ours(stochastic_rounding=True), bf16, 14),
+        ("fused_adam bf16", ours(), bf16, 14),  # p r/w 4, g 2, m, v r/w 8
+        ("torch fused", torch_fused, fp32, 28),
+        ("torch fused, bf16", torch_fused, bf16, 14),
+        (STREAM, InPlaceStream, fp32, 8),
     ]
     return {label: Provider(label, make, dtype, nbytes) for label, make, dtype, nbytes in table}
 
@@ -301,8 +318,9 @@ def measure(section, case, shapes, device, table, budget, host=False, fresh=Fals
     for r in rows:
         r["gbps"] = r["bytes_per_param"] * n / (r["median_ms"] / 1e3) / 1e9
     by = {r["provider"]: r for r in rows}
+    stream = by.get(COPY) or by.get(STREAM)  # % of it: the row's time at that rate / its time
     for r in rows:
-        r["pct_copy"] = 100 * r["gbps"] / by[COPY]["gbps"] if COPY in by else None
+        r["pct_copy"] = 100 * r["gbps"] / stream["gbps"] if stream else None
         for ref in ("fused", "foreach"):
             other = by.get(f"torch {ref}")
             r[f"vs_{ref}"] = other["median_ms"] / r["median_ms"] if other else None

@@ -25,6 +25,10 @@ def _x(value):
     return "" if value is None else f"{value:.2f}x"
 
 
+def _pct(value):
+    return "" if value is None else f"{value:.0f}%"
+
+
 def _image(alt, rel):
     """The plot's line, where the plot exists (a gpu-check bench cut short may have none)."""
     return [f"![{alt}]({rel})", ""] if (ROOT / rel).exists() else []
@@ -67,11 +71,18 @@ def device_section(results, rel: str):
         out += ["", *_image("speedup over torch fused", f"{rel}-models.png")]
     prec = [r for r in rows if r["section"] == "precision"]
     if prec:
-        out += [f"Mixed precision, one tensor of {prec[0]['params'] / 1e6:.1f}M elements:", "",
-                "| provider | param dtype | B/param | ms | GB/s | vs torch fused (fp32) |",
-                "|---|---|---:|---:|---:|---:|"]
-        out += [f"| {r['provider']} | {r['dtype']} | {r['bytes_per_param']} | {r['median_ms']:.2f} | "
-                f"{r['gbps']:.1f} | {_x(r['vs_fused'])} |" for r in prec]
+        bf16 = next((r for r in prec if r["provider"] == "torch fused, bf16"), None)
+        out += [f"Mixed precision, one tensor of {prec[0]['params'] / 1e6:.1f}M elements. *Stream "
+                "limit*: the row's bytes at the rate of an in-place pass over fp32 timed in the "
+                "same rounds, as a % of the row's time:", "",
+                "| provider | param dtype | B/param | ms | GB/s | % of stream limit | "
+                "vs torch fused (fp32) | vs torch fused, bf16 |",
+                "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in prec:
+            same = bf16["median_ms"] / r["median_ms"] if bf16 and r["dtype"] == "bfloat16" else None
+            out.append(f"| {r['provider']} | {r['dtype']} | {r['bytes_per_param']} | "
+                       f"{r['median_ms']:.2f} | {r['gbps']:.1f} | {_pct(r['pct_copy'])} | "
+                       f"{_x(r['vs_fused'])} | {_x(same)} |")
         out.append("")
     return out
 

@@ -1,13 +1,18 @@
 // CPU kernel of `fused_adam::adam_step_`: one pass over every segment of the launch, the
 // segments' elements split across torch's intra-op threads as one range.
 //
-// The math runs on fp32 arrays in one vectorized loop (`adam_fp32`). Operands that are fp32 are
-// updated in place; a bf16/fp16 operand goes through a 1024-element fp32 block on the stack
-// (converted in, computed, rounded once on the way out), so dtype combinations cost a conversion
-// loop each instead of a copy of the math per combination. The loops are compiled three times
-// (target_clones) and picked at load time: x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA + F16C),
-// baseline. Vector body and scalar tail run the same per-element function with no contraction
-// (-ffp-contract=off), so results do not depend on the ISA, the thread count or chunking.
+// One loop per element (`adam_loop`): each operand is loaded in its own dtype, widened to fp32 in
+// registers, updated, rounded once and stored. It is a template over the operand mixes the
+// optimizer makes: the param stored as fp32, bf16 or fp16, as bf16 rounded stochastically, or as
+// the bf16/fp16 image of an fp32 master; grads of the param's dtype; both moments in one dtype
+// (18 mixes). An fp32 staging block per operand instead (the kernel up to 2026-11) left the bf16
+// rows at 57-76% of the stream limit, 16M elements on 2 cores: five passes over L1 per block, and
+// a loop that streams one operand at a time (bench/NOTES.md 19). Any other mix (fp32 grads on
+// bf16 params through p.grad_dtype, moments of two dtypes) still goes through such blocks and the
+// fp32 loop: the same bits, slower. The loops are compiled three times (target_clones) and picked
+// at load time: x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA + F16C), baseline. Vector body and
+// scalar tail run the same per-element function with no contraction (-ffp-contract=off), so
+// results depend on neither the ISA, the thread count nor chunking.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -27,17 +32,47 @@ namespace {
 
 // 64K elements per task: ~1.8 MB of traffic, large enough that thread hand-off (~5 us) is noise.
 constexpr int64_t kGrain = 1 << 16;
-// fp32 staging block for low-precision operands: 5 x 4 KB stays in a 32 KB L1.
 constexpr int64_t kBlock = 1024;
 
-template <WeightDecay wd, bool amsgrad>
-FA_CPU_CLONES void adam_fp32(float* __restrict p, const float* __restrict g, float* __restrict m,
-                             float* __restrict v, float* __restrict vmax, int64_t n,
-                             const AdamHyper s) {
-  for (int64_t i = 0; i < n; ++i) {
-    float vmax_i = amsgrad ? vmax[i] : 0.0f;
-    adam_update<wd, amsgrad>(p[i], g[i], m[i], v[i], vmax_i, s);
-    if (amsgrad) vmax[i] = vmax_i;
+// How the param operand is stored: in its own dtype (rounded to nearest even), bf16 rounded
+// stochastically, or as the rounded image of an fp32 master that the math updates.
+enum class Param : int { kPlain, kStochastic, kMaster };
+
+template <typename T>
+FA_HD float widen(T x) { return static_cast<float>(x); }
+
+template <typename T>
+FA_HD T narrow(float x) { return static_cast<T>(x); }  // round to nearest even
+
+// Operands at the first element of a run: param and grad (T), exp_avg, exp_avg_sq and
+// max_exp_avg_sq (S), the master (fp32, kMaster only). __restrict on parameters, not on locals
+// copied from a struct: GCC ignores the latter and versions the loop for aliasing, and with a
+// master and amsgrad (11 checks, over its limit of 10) left it scalar.
+template <typename T, Param kind, typename S, WeightDecay wd, bool amsgrad>
+FA_CPU_CLONES void adam_loop(T* __restrict p, const T* __restrict g, S* __restrict m,
+                             S* __restrict v, S* __restrict vmax, float* __restrict master,
+                             int64_t n, const AdamHyper s, int64_t index0) {
+  // stochastic rounding: element i's index is index0 + i = hi * 2**32 + lo; callers split runs
+  // so that hi is the same for all of them (sr_bits_at)
+  const uint32_t high = sr_high(static_cast<uint32_t>(static_cast<uint64_t>(index0) >> 32));
+  uint32_t lo = static_cast<uint32_t>(index0);
+  for (int64_t i = 0; i < n; ++i, ++lo) {
+    float p_i, m_i = widen(m[i]), v_i = widen(v[i]), vmax_i = amsgrad ? widen(vmax[i]) : 0.0f;
+    if constexpr (kind == Param::kMaster) {  // the master, unless user code wrote the param
+      p_i = master_or_written(master[i], widen(narrow<T>(master[i])), widen(p[i]));
+    } else {
+      p_i = widen(p[i]);
+    }
+    adam_update<wd, amsgrad>(p_i, widen(g[i]), m_i, v_i, vmax_i, s);
+    if constexpr (kind == Param::kMaster) master[i] = p_i;
+    if constexpr (kind == Param::kStochastic) {
+      p[i].x = bf16_stochastic(p_i, sr_bits_at(s.sr_key, lo, high));
+    } else {
+      p[i] = narrow<T>(p_i);
+    }
+    m[i] = narrow<S>(m_i);
+    v[i] = narrow<S>(v_i);
+    if (amsgrad) vmax[i] = narrow<S>(vmax_i);
   }
 }
 
@@ -104,7 +139,7 @@ struct Operand {
 // rounded image (`param_out`).
 struct Operands {
   Operand p, g, m, v, vmax, param_out;
-  bool all_fp32;
+  bool amsgrad, fused;  // fused: a mix adam_loop is instantiated for
 };
 
 Operand operand(const at::Tensor& t) { return {t.data_ptr(), t.scalar_type()}; }
@@ -114,23 +149,55 @@ Operands operands(const Buffers& b, int64_t i) {
   Operands o{master ? operand(b.masters[i]) : operand(b.params[i]), operand(b.grads[i]),
              operand(b.exp_avgs[i]), operand(b.exp_avg_sqs[i]),
              amsgrad ? operand(b.max_exp_avg_sqs[i]) : Operand{},
-             master ? operand(b.params[i]) : Operand{}, !master};
-  for (const Operand* x : {&o.p, &o.g, &o.m, &o.v, &o.vmax}) o.all_fp32 &= x->dtype == at::kFloat;
+             master ? operand(b.params[i]) : Operand{}, amsgrad, false};
+  o.fused = o.g.dtype == b.params[i].scalar_type() && o.m.dtype == o.v.dtype &&
+            (!amsgrad || o.vmax.dtype == o.v.dtype);
   return o;
 }
 
-// Elements [lo, end) of one buffer, one row; the random bits of element i keyed on
-// (key, i + index_shift).
+// Elements [lo, end) of one buffer with a mix adam_loop is instantiated for: one call, or one
+// per 2**32 stochastic-rounding indices crossed (adam_loop works in 32-bit index lanes).
 template <WeightDecay wd, bool amsgrad>
-void step_range(const Operands& o, const AdamHyper& h, bool stochastic, int64_t index_shift,
+void step_fused(const Operands& o, const AdamHyper& h, bool stochastic, int64_t index0,
                 int64_t lo, int64_t end) {
-  // All fp32 (no master): the math runs in place over the whole range in one call; a call per
-  // 1024-element block cost ~8% at 16M elements (16K calls through the ifunc).
+  const Operand& param = o.param_out.data ? o.param_out : o.p;
+  with_float_type(param.dtype, [&](auto t_tag) {
+    using T = std::decay_t<decltype(t_tag)>;
+    with_float_type(o.m.dtype, [&](auto s_tag) {
+      using S = std::decay_t<decltype(s_tag)>;
+      auto run = [&](auto kind) {
+        for (int64_t len = 0; lo < end; lo += len, index0 += len) {
+          len = std::min(end - lo, (int64_t{1} << 32) - (index0 & 0xffffffff));
+          auto at = [lo](const Operand& x) -> void* {  // element lo of x
+            return x.data ? static_cast<char*>(x.data) + lo * c10::elementSize(x.dtype) : nullptr;
+          };
+          adam_loop<T, kind(), S, wd, amsgrad>(
+              static_cast<T*>(at(param)), static_cast<const T*>(at(o.g)), static_cast<S*>(at(o.m)),
+              static_cast<S*>(at(o.v)), static_cast<S*>(at(o.vmax)),
+              o.param_out.data ? static_cast<float*>(at(o.p)) : nullptr, len, h, index0);
+        }
+      };
+      using P = Param;
+      if constexpr (!std::is_same_v<T, float>) {
+        if (o.param_out.data) return run(std::integral_constant<P, P::kMaster>{});
+      }
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (stochastic) return run(std::integral_constant<P, P::kStochastic>{});
+      }
+      run(std::integral_constant<P, P::kPlain>{});
+    });
+  });
+}
+
+// Elements [lo, end) of one buffer with any other mix: each operand that is not fp32 goes
+// through a 1024-element fp32 block (5 x 4 KB stays in a 32 KB L1), the math is the fp32 loop.
+template <WeightDecay wd, bool amsgrad>
+void step_staged(const Operands& o, const AdamHyper& h, bool stochastic, int64_t index0,
+                 int64_t lo, int64_t end) {
   float pb[kBlock], gb[kBlock], mb[kBlock], vb[kBlock], xb[kBlock];
-  for (int64_t len = 0; lo < end; lo += len) {
-    len = o.all_fp32 ? end - lo : std::min(kBlock, end - lo);
+  for (int64_t len = 0; lo < end; lo += len, index0 += len) {
+    len = std::min(kBlock, end - lo);
     float* pf = o.p.fp32(lo, pb);
-    float* gf = o.g.fp32(lo, gb);
     float* mf = o.m.fp32(lo, mb);
     float* vf = o.v.fp32(lo, vb);
     float* xf = amsgrad ? o.vmax.fp32(lo, xb) : nullptr;
@@ -145,10 +212,10 @@ void step_range(const Operands& o, const AdamHyper& h, bool stochastic, int64_t 
     o.m.load(lo, len, mb);
     o.v.load(lo, len, vb);
     if (amsgrad) o.vmax.load(lo, len, xb);
-    adam_fp32<wd, amsgrad>(pf, gf, mf, vf, xf, len, h);
+    adam_loop<float, Param::kPlain, float, wd, amsgrad>(pf, o.g.fp32(lo, gb), mf, vf, xf, nullptr,
+                                                        len, h, index0);
     if (stochastic) {
-      store_bf16_stochastic(pf, static_cast<c10::BFloat16*>(o.p.data) + lo, len, h.sr_key,
-                            lo + index_shift);
+      store_bf16_stochastic(pf, static_cast<c10::BFloat16*>(o.p.data) + lo, len, h.sr_key, index0);
     } else {
       o.p.store(lo, len, pf);
     }
@@ -182,9 +249,11 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
       const int64_t stop = std::min(end, prefix[k + 1]);
       const int64_t lo = s.start + (begin - prefix[k]);
       const AdamHyper h = hyper_from_row(rows + s.row * kHyperFields);
+      const Operands& o = ops[s.buffer];
+      const int64_t index0 = s.index_base + (lo - s.start);
       dispatch_modes(weight_decay_mode(h), amsgrad, [&](auto wd, auto ams) {
-        step_range<wd(), ams()>(ops[s.buffer], h, stochastic, s.index_base - s.start, lo,
-                                lo + (stop - begin));
+        (o.fused ? step_fused<wd(), ams()> : step_staged<wd(), ams()>)(o, h, stochastic, index0, lo,
+                                                                     lo + (stop - begin));
       });
       begin = stop;
     }

@@ -154,3 +154,39 @@ def test_a_segment_table_steps_as_its_segments_one_by_one(backend, dtypes):
         for b in range(2):
             for name, a, c in zip(NAMES, together[b], on_cpu[b]):
                 assert torch.equal(a.cpu(), c), f"buffer {b} {name}: {backend} vs cpu"
+
+
+@pytest.mark.parametrize("param_dtype,state_dtype,kind", [
+    (F32, F32, "plain"), (F32, BF16, "plain"), (F32, F16, "plain"), (BF16, BF16, "plain"),
+    (F16, F16, "plain"), (BF16, F32, "master"), (F16, F32, "master"), (BF16, BF16, "master"),
+    (BF16, F32, "stochastic"), (BF16, BF16, "stochastic")],
+    ids=lambda x: x if isinstance(x, str) else str(x).split(".")[1])
+def test_cpu_kernel_fused_loop_matches_its_staged_path(param_dtype, state_dtype, kind):
+    """The CPU kernel runs a mix of operand dtypes it has a loop for in one fused pass and any
+    other mix through fp32 blocks. Grads of another dtype holding the same values take the
+    second path: every stored bit must be the same (every mode, 3 steps, a length that leaves a
+    scalar tail)."""
+    if "cpu" not in fused_adam.available_backends("cpu"):
+        pytest.skip("the CPU extension is not available here")
+    other = BF16 if param_dtype == F32 else F32  # a grad dtype with no fused loop for this param
+    gen = torch.Generator().manual_seed(3)
+    for maximize, wd, decoupled, amsgrad in MODES:
+        master = torch.randn(N, generator=gen)
+        grad = torch.randn(N, generator=gen).to(param_dtype).to(other).to(param_dtype)
+        base = [master.to(param_dtype), grad, (torch.randn(N, generator=gen) * 0.1).to(state_dtype),
+                (torch.rand(N, generator=gen) * 0.01).to(state_dtype),
+                (torch.rand(N, generator=gen) * 0.02).to(state_dtype), master]
+        results = []
+        for grad_dtype in (param_dtype, other):
+            ts = [t.clone() for t in base]
+            ts[1] = ts[1].to(grad_dtype)
+            for step in (1, 2, 7):
+                adam_step_(*ts[:4], ts[4] if amsgrad else None, ts[5] if kind == "master" else None,
+                           step=step, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=wd,
+                           decoupled_weight_decay=decoupled, maximize=maximize, backend="cpu",
+                           stochastic_rounding_seed=7 if kind == "stochastic" else None)
+            results.append(ts)
+        for name, a, b in zip(NAMES, *results):
+            if name != "grad":
+                assert torch.equal(a, b), (f"{name} differs for maximize={maximize} wd={wd} "
+                                           f"decoupled={decoupled} amsgrad={amsgrad}")

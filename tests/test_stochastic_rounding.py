@@ -11,8 +11,9 @@ from fused_adam.functional import adam_step_
 N = 5003
 
 
-def _step(backend, device, seed, parts=1, threads=None, steps=(1, 2, 3)):
-    """Three steps over one bf16 buffer, launched as `parts` consecutive pieces."""
+def _step(backend, device, seed, parts=1, threads=None, steps=(1, 2, 3), base=0):
+    """Three steps over one bf16 buffer, launched as `parts` consecutive pieces, its elements
+    indexed from `base`."""
     gen = torch.Generator().manual_seed(0)
     p, g = torch.randn(N, generator=gen).bfloat16(), torch.randn(N, generator=gen).bfloat16()
     m, v = torch.zeros(N), torch.zeros(N)
@@ -25,7 +26,7 @@ def _step(backend, device, seed, parts=1, threads=None, steps=(1, 2, 3)):
             for lo, hi in zip(bounds, bounds[1:]):
                 adam_step_(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], step=step, lr=1e-3, beta1=0.9,
                            beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True,
-                           stochastic_rounding_seed=seed, index_base=lo, backend=backend)
+                           stochastic_rounding_seed=seed, index_base=base + lo, backend=backend)
     finally:
         torch.set_num_threads(saved)
     return p.cpu(), m.cpu(), v.cpu()
@@ -52,6 +53,16 @@ def test_same_bits_on_every_backend(pair):
             assert torch.equal(x, y), name
         else:
             assert (x != y).float().mean() < 1e-3, name
+
+
+def test_cpu_kernel_bits_across_a_multiple_of_2_to_the_32_in_indices():
+    """The CPU loop hashes 32-bit index lanes with the high half computed once per run, so it
+    splits a run where the high half changes: the reference's bits on both sides."""
+    if "cpu" not in fused_adam.available_backends("cpu"):
+        pytest.skip("the CPU extension is not available here")
+    a, b = (_step(backend, "cpu", seed=7, base=(1 << 32) - N // 2) for backend in ("torch", "cpu"))
+    assert (a[0] != b[0]).float().mean() < 1e-3
+    assert not torch.equal(a[0], _step("torch", "cpu", seed=7)[0])  # the base matters
 
 
 @pytest.mark.parametrize("device,backend", CASES)
