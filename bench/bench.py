@@ -11,7 +11,9 @@ Sections (all by default):
              layer-wise lr decay and per-group weight decay (one launch for all of them)
   precision  one 16M tensor: the mixed-precision options, each with its own bytes/param, and
              each row's stream limit: its bytes at the rate of an in-place pass over fp32
-             (`add_`, read and write the same memory as a step does) timed in the same rounds
+             (`add_`, read and write the same memory as a step does) timed in the same rounds;
+             on CPU also each row's compute ceiling: its time per element in cache (2^13 and
+             2^16 elements, one thread, the difference), times 16M over the threads
 
 Every provider steps its own copy of identical params and grads; all run in one process,
 interleaved round by round, so machine noise hits them alike. CPU: perf_counter per step, median of
@@ -49,6 +51,7 @@ import fused_adam  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SECTIONS = ("sweep", "models", "small", "precision")
+CEILING_SIZES = (13, 16)  # log2 elements of the precision section's cache-resident runs
 TORCH_PROVIDERS = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True),
                    "fused": dict(fused=True)}
 COPY = "device copy"
@@ -176,6 +179,10 @@ def precision_providers():
          ours(stochastic_rounding=True, state_dtype=fp32), bf16, 22),  # p r/w 4, g 2, m, v 16
         ("fused_adam bf16, stochastic rounding", ours(stochastic_rounding=True), bf16, 14),
         ("fused_adam bf16", ours(), bf16, 14),  # p r/w 4, g 2, m, v r/w 8
+        # 8-bit states: codes r/w 4 (+ a 4-byte scale per 256 elements r/w, 0.03)
+        ("fused_adam fp32, 8-bit states", ours(state_dtype="int8"), fp32, 16),
+        ("fused_adam bf16 + fp32 master, 8-bit states",
+         ours(master_weights=True, state_dtype="int8"), bf16, 20),  # p r/w 4, g 2, master 8
         ("torch fused", torch_fused, fp32, 28),
         ("torch fused, bf16", torch_fused, bf16, 14),
         (STREAM, InPlaceStream, fp32, 8),
@@ -357,7 +364,8 @@ def environment(device):
         triton_version = None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"{_cpu_model()}, {torch.get_num_threads()} threads")
-    return dict(device=name, device_type=device.type, torch=torch.__version__,
+    return dict(device=name, device_type=device.type, threads=torch.get_num_threads(),
+                torch=torch.__version__,
                 triton=triton_version, python=platform.python_version(), commit=commit,
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
@@ -465,6 +473,16 @@ def main(argv=None):
                              p.bytes_per_param) for k, p in no_copy.items()}, host=True)
         else:
             run("precision", "2^24", [(1 << 24,)], precision_providers())
+            if device.type == "cpu":  # each row's compute ceiling: its step in cache (one copy),
+                # one thread, per element from two sizes (the fixed cost cancels); 2^16 is one
+                # task of the CPU kernel
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    for k in CEILING_SIZES:
+                        run("ceiling", f"2^{k}", [(1 << k,)], precision_providers(), host=True)
+                finally:
+                    torch.set_num_threads(threads)
     print(header(results))
     print(markdown(rows))
     for path in write(results, out, plots=not args.no_plots):

@@ -80,6 +80,11 @@ VARIANTS = {
     "fused_adam bf16, stochastic rounding": (
         torch.bfloat16, lambda ps, **kw: fused_adam.FusedAdamW(
             ps, stochastic_rounding=True, state_dtype=torch.float32, **kw)),
+    "fused_adam fp32, 8-bit states": (
+        torch.float32, lambda ps, **kw: fused_adam.FusedAdamW(ps, state_dtype="int8", **kw)),
+    "fused_adam bf16 + fp32 master, 8-bit states": (
+        torch.bfloat16, lambda ps, **kw: fused_adam.FusedAdamW(
+            ps, master_weights=True, state_dtype="int8", **kw)),
     "torch AdamW bf16": (torch.bfloat16, lambda ps, **kw: torch.optim.AdamW(ps, **kw)),
 }
 

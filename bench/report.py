@@ -72,19 +72,42 @@ def device_section(results, rel: str):
     prec = [r for r in rows if r["section"] == "precision"]
     if prec:
         bf16 = next((r for r in prec if r["provider"] == "torch fused, bf16"), None)
+        ceiling = compute_ceilings(results)
         out += [f"Mixed precision, one tensor of {prec[0]['params'] / 1e6:.1f}M elements. *Stream "
                 "limit*: the row's bytes at the rate of an in-place pass over fp32 timed in the "
-                "same rounds, as a % of the row's time:", "",
+                "same rounds, as a % of the row's time" + (
+                    "; *compute ceiling*: the row's time per element in cache (one thread, "
+                    "2^13 vs 2^16 elements) times 16M over the threads, as a % of its time: a "
+                    "row near 100% of either is at that limit" if ceiling else "") + ":", "",
                 "| provider | param dtype | B/param | ms | GB/s | % of stream limit | "
-                "vs torch fused (fp32) | vs torch fused, bf16 |",
-                "|---|---|---:|---:|---:|---:|---:|---:|"]
+                + ("% of compute ceiling | " if ceiling else "")
+                + "vs torch fused (fp32) | vs torch fused, bf16 |",
+                "|---|---|---:|---:|---:|---:|" + ("---:|" if ceiling else "") + "---:|---:|"]
         for r in prec:
             same = bf16["median_ms"] / r["median_ms"] if bf16 and r["dtype"] == "bfloat16" else None
+            bound = ceiling.get(r["provider"])
             out.append(f"| {r['provider']} | {r['dtype']} | {r['bytes_per_param']} | "
                        f"{r['median_ms']:.2f} | {r['gbps']:.1f} | {_pct(r['pct_copy'])} | "
-                       f"{_x(r['vs_fused'])} | {_x(same)} |")
+                       + (f"{_pct(None if bound is None else 100 * bound / r['median_ms'])} | "
+                          if ceiling else "")
+                       + f"{_x(r['vs_fused'])} | {_x(same)} |")
         out.append("")
     return out
+
+
+def compute_ceilings(results) -> dict[str, float]:
+    """Each precision row's compute ceiling in ms (bench.py's `ceiling` section): its per-element
+    time in cache, from the difference of two sizes, times the precision size over the threads
+    of the main runs."""
+    rows = [r for r in results["rows"] if r["section"] == "ceiling"]
+    sizes = sorted({r["params"] for r in rows})
+    prec = [r for r in results["rows"] if r["section"] == "precision"]
+    if len(sizes) != 2 or not prec:
+        return {}
+    by = {(r["provider"], r["params"]): r["median_ms"] for r in rows}
+    lo, hi = sizes
+    return {p: (by[p, hi] - by[p, lo]) / (hi - lo) * prec[0]["params"] / results["threads"]
+            for p, n in by if n == lo and (p, hi) in by}
 
 
 def render(results_dir: Path = RESULTS) -> str:

@@ -9,8 +9,9 @@ few ulps of each stored dtype, the kernels' correctly rounded sqrt against torch
 elements just outside each view (guards poisoned with NaN) must be untouched: memcheck sees reads
 past a whole allocation (gpu-check turns torch's caching allocator off for this), the guards see
 stray writes next to a view. Sizes and offsets are the outer loops, so a run cut short has covered
-every dtype and mode at the smallest sizes. Last, one launch over a segment table of 67
-segments per dtype (the CUDA kernel takes 40 a launch).
+every dtype and mode at the smallest sizes; 8-bit states (codes guarded with 0xAB) each time
+too. Last, one launch over a segment table of 67 segments per dtype (the CUDA kernel takes 40 a
+launch).
 
     python bench/sanitize_step.py [--device cuda|cpu]
 """
@@ -27,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fused_adam  # noqa: E402
 from fused_adam.functional import adam_step_  # noqa: E402
 
-# 1: no aligned body at all; 17: a body of 16 and a tail of 1; 4099: several programs and a tail.
+# 1: no aligned body at all; 17: a body of 16 and a tail of 1; 4099: several programs and a tail
+# (with 8-bit states: 17 blocks of scales, the last of 3 elements).
 SIZES = (1, 17, 4099)
 # Element offsets of each view into a larger buffer: 0 keeps 16-byte alignment, 3 breaks it.
 OFFSETS = (0, 3)
@@ -74,6 +76,62 @@ def _run(backend, n, offset, dtypes, mode, device):
                    clip_coef=torch.full((1,), 0.5, device=device) if clip else None,
                    found_inf=found_inf if device_step else None, backend=backend)
     return [(buf.cpu(), offset, n) for buf, _ in views]
+
+
+# 8-bit states (uint8 codes + a scale per 256 elements): (param, master copy, stochastic), and
+# (weight_decay, device step with found_inf, found_inf set)
+Q8_DTYPES = [(F32, False, False), (BF16, True, False), (BF16, False, True)]
+Q8_MODES = [(0.1, False, False), (0.0, True, False), (0.1, True, True)]
+CODE_GUARD = 0xAB  # the codes' guards (no NaN in uint8)
+
+
+def _run_q8(backend, n, offset, dtypes, mode, device):
+    """param, grad, master, codes and scales of both moments (guarded views) after 3 steps."""
+    from fused_adam import quantize
+    p_dtype, master, stochastic = dtypes
+    wd, device_step, skip = mode
+    gen = torch.Generator().manual_seed(n + offset)
+    base = torch.randn(n, generator=gen)
+    m, m_absmax = quantize.quantize(torch.randn(n, generator=gen) * 0.1, "exp_avg")
+    v, v_absmax = quantize.quantize(torch.rand(n, generator=gen) * 0.01, "exp_avg_sq")
+    values = [base.to(p_dtype), torch.randn(n, generator=gen).to(p_dtype), base, m, v, m_absmax,
+              v_absmax]
+    views = []
+    for value in values:
+        fill = CODE_GUARD if value.dtype == torch.uint8 else float("nan")
+        buf = torch.full((offset + value.numel() + GUARD,), fill, dtype=value.dtype, device=device)
+        buf[offset:offset + value.numel()].copy_(value)
+        views.append((buf, buf[offset:offset + value.numel()]))
+    t = [v for _, v in views]
+    found_inf = torch.full((), float(skip), device=device)
+    for step in (1, 2, 3):
+        adam_step_(t[0], t[1], t[3], t[4], None, t[2] if master else None, exp_avg_absmax=t[5],
+                   exp_avg_sq_absmax=t[6],
+                   step=torch.tensor(float(step), device=device) if device_step else step,
+                   lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=wd,
+                   decoupled_weight_decay=True,
+                   stochastic_rounding_seed=7 if stochastic and not device_step else None,
+                   found_inf=found_inf if device_step else None, backend=backend)
+    return [(buf.cpu(), offset, view.numel()) for buf, view in views]
+
+
+def _q8_mismatches(ours, ref, dtypes):
+    """As _mismatches, for _run_q8's tensors: the codes may differ by a step where the
+    reference's sqrt differs by an ulp (a few in a thousand), the rest within a few ulps."""
+    names = ("param", "grad", "master", "exp_avg", "exp_avg_sq", "exp_avg_absmax",
+             "exp_avg_sq_absmax")
+    for name, (a, o, n), (b, _, _) in zip(names, ours, ref):
+        inside = slice(o, o + n)
+        guard = torch.cat([a[:o], a[o + n:]])
+        intact = bool((guard == CODE_GUARD).all() if a.dtype == torch.uint8 else guard.isnan().all())
+        if a.dtype == torch.uint8:
+            close = (a[inside] != b[inside]).float().mean() <= 0.01
+        else:
+            rtol = 2**-7 if dtypes[2] and name == "param" else 4 * torch.finfo(a.dtype).eps
+            close = torch.allclose(a[inside].float(), b[inside].float(), rtol=rtol, atol=1e-6,
+                                   equal_nan=True)
+        if not (intact and close):
+            yield name
 
 
 def _run_table(backend, dtypes, device):
@@ -129,6 +187,15 @@ def main(argv=None) -> int:
                 cases += 1
                 failures += [f"{backend} n={n} offset={offset} dtypes={dtypes} mode={mode}: {name}"
                              for name in _mismatches(ours, ref, dtypes)]
+        for dtypes, mode in itertools.product(Q8_DTYPES, Q8_MODES):  # 8-bit states
+            ref = _run_q8("torch", n, offset, dtypes, mode, torch.device("cpu"))
+            for backend in kernels:
+                ours = _run_q8(backend, n, offset, dtypes, mode, device)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                cases += 1
+                failures += [f"{backend} 8-bit n={n} offset={offset} dtypes={dtypes} mode={mode}: "
+                             f"{name}" for name in _q8_mismatches(ours, ref, dtypes)]
         print(f"n={n} offset={offset}: {cases} cases so far, {len(failures)} failures", flush=True)
     for dtypes in DTYPES:  # a segment table, against the reference's
         ref = _run_table("torch", dtypes, torch.device("cpu"))

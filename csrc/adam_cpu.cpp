@@ -44,6 +44,27 @@ FA_HD float widen(T x) { return static_cast<float>(x); }
 template <typename T>
 FA_HD T narrow(float x) { return static_cast<T>(x); }  // round to nearest even
 
+// Element i of the param operand as the math reads it: the master, unless user code wrote the
+// param since (adam_math.h), or the param.
+template <typename T, Param kind>
+FA_HD float load_param(const T* p, const float* master, int64_t i) {
+  if constexpr (kind == Param::kMaster) {
+    return master_or_written(master[i], widen(narrow<T>(master[i])), widen(p[i]));
+  }
+  return widen(p[i]);
+}
+
+// Stores the updated param of element i; `random`: its stochastic-rounding bits (kStochastic).
+template <typename T, Param kind>
+FA_HD void store_param(T* p, float* master, int64_t i, float p_i, uint32_t random) {
+  if constexpr (kind == Param::kMaster) master[i] = p_i;
+  if constexpr (kind == Param::kStochastic) {
+    p[i].x = bf16_stochastic(p_i, random);
+  } else {
+    p[i] = narrow<T>(p_i);
+  }
+}
+
 // Operands at the first element of a run: param and grad (T), exp_avg, exp_avg_sq and
 // max_exp_avg_sq (S), the master (fp32, kMaster only). __restrict on parameters, not on locals
 // copied from a struct: GCC ignores the latter and versions the loop for aliasing, and with a
@@ -57,22 +78,51 @@ FA_CPU_CLONES void adam_loop(T* __restrict p, const T* __restrict g, S* __restri
   const uint32_t high = sr_high(static_cast<uint32_t>(static_cast<uint64_t>(index0) >> 32));
   uint32_t lo = static_cast<uint32_t>(index0);
   for (int64_t i = 0; i < n; ++i, ++lo) {
-    float p_i, m_i = widen(m[i]), v_i = widen(v[i]), vmax_i = amsgrad ? widen(vmax[i]) : 0.0f;
-    if constexpr (kind == Param::kMaster) {  // the master, unless user code wrote the param
-      p_i = master_or_written(master[i], widen(narrow<T>(master[i])), widen(p[i]));
-    } else {
-      p_i = widen(p[i]);
-    }
+    float p_i = load_param<T, kind>(p, master, i), m_i = widen(m[i]), v_i = widen(v[i]);
+    float vmax_i = amsgrad ? widen(vmax[i]) : 0.0f;
     adam_update<wd, amsgrad>(p_i, widen(g[i]), m_i, v_i, vmax_i, s);
-    if constexpr (kind == Param::kMaster) master[i] = p_i;
-    if constexpr (kind == Param::kStochastic) {
-      p[i].x = bf16_stochastic(p_i, sr_bits_at(s.sr_key, lo, high));
-    } else {
-      p[i] = narrow<T>(p_i);
-    }
+    store_param<T, kind>(p, master, i, p_i,
+                         kind == Param::kStochastic ? sr_bits_at(s.sr_key, lo, high) : 0u);
     m[i] = narrow<S>(m_i);
     v[i] = narrow<S>(v_i);
     if (amsgrad) vmax[i] = narrow<S>(vmax_i);
+  }
+}
+
+// 8-bit states (adam_math.h), a run that starts on a block: per block of kQBlock elements the
+// moments are decoded, updated and kept in fp32 on the stack (the param update reads those),
+// then encoded with the block's new absmax. 2 B/param of states instead of 8.
+template <typename T, Param kind, WeightDecay wd>
+FA_CPU_CLONES void adam_loop_q8(T* __restrict p, const T* __restrict g, uint8_t* __restrict mq,
+                                uint8_t* __restrict vq, float* __restrict m_absmax,
+                                float* __restrict v_absmax, float* __restrict master, int64_t n,
+                                const AdamHyper s, int64_t index0) {
+  float mb[kQBlock], vb[kQBlock];
+  for (int64_t b0 = 0, block = 0; b0 < n; b0 += kQBlock, ++block) {
+    const int64_t len = std::min<int64_t>(kQBlock, n - b0);
+    const float m_scale = m_absmax[block], v_scale = v_absmax[block];
+    uint32_t m_top = 0, v_top = 0;
+    for (int64_t j = 0; j < len; ++j) {
+      const int64_t i = b0 + j;
+      float p_i = load_param<T, kind>(p, master, i), unused = 0.0f;
+      float m_i = q8_decode<QState::kExpAvg>(mq[i], m_scale);
+      float v_i = q8_decode<QState::kExpAvgSq>(vq[i], v_scale);
+      adam_update<wd, false>(p_i, widen(g[i]), m_i, v_i, unused, s);
+      store_param<T, kind>(p, master, i, p_i,
+                           kind == Param::kStochastic ? sr_bits(s.sr_key, index0 + i) : 0u);
+      mb[j] = m_i;
+      vb[j] = v_i;
+      m_top = std::max(m_top, abs_bits(m_i));
+      v_top = std::max(v_top, abs_bits(v_i));
+    }
+    const float m_new = float_from_bits(m_top), v_new = float_from_bits(v_top);
+    const float m_inverse = q8_inverse(m_new), v_inverse = q8_inverse(v_new);
+    for (int64_t j = 0; j < len; ++j) {
+      mq[b0 + j] = q8_encode<QState::kExpAvg>(mb[j], m_inverse);
+      vq[b0 + j] = q8_encode<QState::kExpAvgSq>(vb[j], v_inverse);
+    }
+    m_absmax[block] = m_new;
+    v_absmax[block] = v_new;
   }
 }
 
@@ -139,6 +189,7 @@ struct Operand {
 // rounded image (`param_out`).
 struct Operands {
   Operand p, g, m, v, vmax, param_out;
+  float *m_absmax, *v_absmax;  // 8-bit states: m and v hold codes (adam_loop_q8), else null
   bool amsgrad, fused;  // fused: a mix adam_loop is instantiated for
 };
 
@@ -149,10 +200,34 @@ Operands operands(const Buffers& b, int64_t i) {
   Operands o{master ? operand(b.masters[i]) : operand(b.params[i]), operand(b.grads[i]),
              operand(b.exp_avgs[i]), operand(b.exp_avg_sqs[i]),
              amsgrad ? operand(b.max_exp_avg_sqs[i]) : Operand{},
-             master ? operand(b.params[i]) : Operand{}, amsgrad, false};
+             master ? operand(b.params[i]) : Operand{},
+             b.quantized() ? b.exp_avg_absmaxes[i].data_ptr<float>() : nullptr,
+             b.quantized() ? b.exp_avg_sq_absmaxes[i].data_ptr<float>() : nullptr, amsgrad, false};
   o.fused = o.g.dtype == b.params[i].scalar_type() && o.m.dtype == o.v.dtype &&
             (!amsgrad || o.vmax.dtype == o.v.dtype);
   return o;
+}
+
+// Element `i` of operand x (null when x is absent).
+void* element(const Operand& x, int64_t i) {
+  return x.data ? static_cast<char*>(x.data) + i * c10::elementSize(x.dtype) : nullptr;
+}
+
+// Calls fn(T{}, kind) with T the C++ type of the param as stored and `kind` how (Param).
+template <typename Fn>
+void with_param(const Operands& o, bool stochastic, Fn&& fn) {
+  const Operand& param = o.param_out.data ? o.param_out : o.p;
+  with_float_type(param.dtype, [&](auto t_tag) {
+    using T = std::decay_t<decltype(t_tag)>;
+    using P = Param;
+    if constexpr (!std::is_same_v<T, float>) {
+      if (o.param_out.data) return fn(t_tag, std::integral_constant<P, P::kMaster>{});
+    }
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (stochastic) return fn(t_tag, std::integral_constant<P, P::kStochastic>{});
+    }
+    fn(t_tag, std::integral_constant<P, P::kPlain>{});
+  });
 }
 
 // Elements [lo, end) of one buffer with a mix adam_loop is instantiated for: one call, or one
@@ -161,31 +236,36 @@ template <WeightDecay wd, bool amsgrad>
 void step_fused(const Operands& o, const AdamHyper& h, bool stochastic, int64_t index0,
                 int64_t lo, int64_t end) {
   const Operand& param = o.param_out.data ? o.param_out : o.p;
-  with_float_type(param.dtype, [&](auto t_tag) {
+  const bool master = o.param_out.data != nullptr;
+  with_param(o, stochastic, [&](auto t_tag, auto kind) {
     using T = std::decay_t<decltype(t_tag)>;
     with_float_type(o.m.dtype, [&](auto s_tag) {
       using S = std::decay_t<decltype(s_tag)>;
-      auto run = [&](auto kind) {
-        for (int64_t len = 0; lo < end; lo += len, index0 += len) {
-          len = std::min(end - lo, (int64_t{1} << 32) - (index0 & 0xffffffff));
-          auto at = [lo](const Operand& x) -> void* {  // element lo of x
-            return x.data ? static_cast<char*>(x.data) + lo * c10::elementSize(x.dtype) : nullptr;
-          };
-          adam_loop<T, kind(), S, wd, amsgrad>(
-              static_cast<T*>(at(param)), static_cast<const T*>(at(o.g)), static_cast<S*>(at(o.m)),
-              static_cast<S*>(at(o.v)), static_cast<S*>(at(o.vmax)),
-              o.param_out.data ? static_cast<float*>(at(o.p)) : nullptr, len, h, index0);
-        }
-      };
-      using P = Param;
-      if constexpr (!std::is_same_v<T, float>) {
-        if (o.param_out.data) return run(std::integral_constant<P, P::kMaster>{});
+      for (int64_t len = 0; lo < end; lo += len, index0 += len) {
+        len = std::min(end - lo, (int64_t{1} << 32) - (index0 & 0xffffffff));
+        adam_loop<T, kind(), S, wd, amsgrad>(
+            static_cast<T*>(element(param, lo)), static_cast<const T*>(element(o.g, lo)),
+            static_cast<S*>(element(o.m, lo)), static_cast<S*>(element(o.v, lo)),
+            static_cast<S*>(element(o.vmax, lo)),
+            master ? static_cast<float*>(element(o.p, lo)) : nullptr, len, h, index0);
       }
-      if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        if (stochastic) return run(std::integral_constant<P, P::kStochastic>{});
-      }
-      run(std::integral_constant<P, P::kPlain>{});
     });
+  });
+}
+
+// Elements [lo, end) of one buffer with 8-bit states, lo on a block.
+template <WeightDecay wd>
+void step_q8(const Operands& o, const AdamHyper& h, bool stochastic, int64_t index0, int64_t lo,
+             int64_t end) {
+  const Operand& param = o.param_out.data ? o.param_out : o.p;
+  const bool master = o.param_out.data != nullptr;
+  with_param(o, stochastic, [&](auto t_tag, auto kind) {
+    using T = std::decay_t<decltype(t_tag)>;
+    adam_loop_q8<T, kind(), wd>(
+        static_cast<T*>(element(param, lo)), static_cast<const T*>(element(o.g, lo)),
+        static_cast<uint8_t*>(o.m.data) + lo, static_cast<uint8_t*>(o.v.data) + lo,
+        o.m_absmax + lo / kQBlock, o.v_absmax + lo / kQBlock,
+        master ? static_cast<float*>(element(o.p, lo)) : nullptr, end - lo, h, index0);
   });
 }
 
@@ -228,9 +308,12 @@ void step_staged(const Operands& o, const AdamHyper& h, bool stochastic, int64_t
 
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                   at::TensorList masters, const at::Tensor& hyper, at::IntArrayRef segments,
-                   bool stochastic, const std::optional<at::Tensor>& found_inf) {
-  const Buffers b{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters};
+                   at::TensorList masters, at::TensorList exp_avg_absmaxes,
+                   at::TensorList exp_avg_sq_absmaxes, const at::Tensor& hyper,
+                   at::IntArrayRef segments, bool stochastic,
+                   const std::optional<at::Tensor>& found_inf) {
+  const Buffers b{params,  grads,           exp_avgs,         exp_avg_sqs,
+                  max_exp_avg_sqs, masters, exp_avg_absmaxes, exp_avg_sq_absmaxes};
   const std::vector<SegmentSpec> segs = check_launch(b, hyper, segments, stochastic, found_inf);
   // "Device" scalars of CPU tensors are host memory: read them here.
   if (segs.empty() || (found_inf && *found_inf->const_data_ptr<float>() != 0.0f)) return;
@@ -239,21 +322,32 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   const double* rows = hyper.const_data_ptr<double>();
   const bool amsgrad = !max_exp_avg_sqs.empty();
   // The segments' elements as one range [0, total): a thread's share may span many small
-  // segments (1000 params of 1-4K elements: a handful of tasks, not 1000).
+  // segments (1000 params of 1-4K elements: a handful of tasks, not 1000). With 8-bit states
+  // each segment counts whole blocks and shares are cut on blocks: a block's absmax is one
+  // thread's.
+  const int64_t unit = b.quantized() ? kQBlock : 1;
   std::vector<int64_t> prefix(segs.size() + 1, 0);
-  for (size_t k = 0; k < segs.size(); ++k) prefix[k + 1] = prefix[k] + segs[k].length;
+  for (size_t k = 0; k < segs.size(); ++k) {
+    prefix[k + 1] = prefix[k] + (segs[k].length + unit - 1) / unit * unit;
+  }
   at::parallel_for(0, prefix.back(), kGrain, [&](int64_t begin, int64_t end) {
+    begin = (begin + unit - 1) / unit * unit;
+    end = (end + unit - 1) / unit * unit;
     size_t k = std::upper_bound(prefix.begin(), prefix.end(), begin) - prefix.begin() - 1;
     for (; begin < end; ++k) {
       const SegmentSpec& s = segs[k];
       const int64_t stop = std::min(end, prefix[k + 1]);
       const int64_t lo = s.start + (begin - prefix[k]);
+      const int64_t hi = std::min(s.start + (stop - prefix[k]), s.start + s.length);
       const AdamHyper h = hyper_from_row(rows + s.row * kHyperFields);
       const Operands& o = ops[s.buffer];
       const int64_t index0 = s.index_base + (lo - s.start);
       dispatch_modes(weight_decay_mode(h), amsgrad, [&](auto wd, auto ams) {
+        if constexpr (!ams()) {
+          if (o.m_absmax) return step_q8<wd()>(o, h, stochastic, index0, lo, hi);
+        }
         (o.fused ? step_fused<wd(), ams()> : step_staged<wd(), ams()>)(o, h, stochastic, index0, lo,
-                                                                     lo + (stop - begin));
+                                                                     hi);
       });
       begin = stop;
     }

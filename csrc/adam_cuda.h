@@ -10,13 +10,15 @@
 
 namespace fused_adam {
 
-enum class DType : int8_t { kFloat32, kFloat16, kBFloat16 };
+enum class DType : int8_t { kFloat32, kFloat16, kBFloat16, kUInt8 };
 
-// param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master: the order of a segment's operands.
-constexpr int kOperands = 6;
+// param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, exp_avg_absmax, exp_avg_sq_absmax:
+// the order of a segment's operands.
+constexpr int kOperands = 8;
 
-// One segment, its pointers at its first element: nullptr for an absent operand (max_exp_avg_sq
-// without amsgrad, master without master weights; the master is float32).
+// One segment, its pointers at its first element (the absmaxes: at its first block of scales):
+// nullptr for an absent operand (max_exp_avg_sq without amsgrad, master without master weights,
+// absmaxes without 8-bit states, whose moments are uint8 codes; the master is float32).
 struct Segment {
   void* data[kOperands];
   int64_t numel;
@@ -34,7 +36,7 @@ int vector_width(DType param);
 // space allows) and returns the launch status. `rows`: the device hyperparameter table, float64
 // [rows, kHyperFields]; `found_inf`: a device scalar, nonzero skips the step, or nullptr.
 cudaError_t launch_adam_cuda(const Segment* segments, int64_t count, const double* rows,
-                             const float* found_inf, bool amsgrad, bool stochastic,
-                             cudaStream_t stream);
+                             const float* found_inf, bool amsgrad, bool quantized,
+                             bool stochastic, cudaStream_t stream);
 
 }  // namespace fused_adam

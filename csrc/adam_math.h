@@ -166,6 +166,62 @@ FA_HD uint16_t bf16_stochastic(float x, uint32_t random) {
   return static_cast<uint16_t>((bits + (random & 0xffffu)) >> 16);
 }
 
+// 8-bit states (fused_adam/quantize.py, the format's reference): a uint8 code per element and an
+// fp32 scale per block of kQBlock elements, the block's absmax. Code k > 0 stands for the fp32
+// bits (k + bias) << (23 - mantissa bits) times the scale, 3 mantissa bits; exp_avg: bit 7 the
+// sign, 16 binades; exp_avg_sq: 32 binades; the top code 1.0.
+constexpr int kQBlock = 256;
+enum class QState : int { kExpAvg, kExpAvgSq };
+template <QState q>
+constexpr int32_t kQMantissa = q == QState::kExpAvg ? 3 : 3;
+template <QState q>
+constexpr int32_t kQBias = q == QState::kExpAvg ? 889 : 761;  // (127 << mantissa) - top
+template <QState q>
+constexpr int32_t kQTop = q == QState::kExpAvg ? 127 : 255;
+
+FA_HD float float_from_bits(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float x;
+  __builtin_memcpy(&x, &bits, sizeof(x));
+  return x;
+#endif
+}
+
+// |x| as bits: a block's absmax is the max of these as integers, which orders non-negative
+// floats as the floats and puts a NaN above everything (a NaN element makes the scale NaN), in
+// any reduction order.
+FA_HD uint32_t abs_bits(float x) { return float_bits(x) & 0x7fffffffu; }
+
+// The factor a block's codes are encoded with: 1 / absmax once per block (0 for an all-zero
+// block), a multiply per element instead of a division (2 divisions of 4 per element: the
+// 8-bit CPU step was compute-bound at 0.51 ns/element/thread, bench/NOTES.md 20).
+FA_HD float q8_inverse(float absmax) { return absmax > 0.0f ? fa_div(1.0f, absmax) : 0.0f; }
+
+template <QState q>
+FA_HD uint8_t q8_encode(float x, float inverse) {
+  const float ratio = float_from_bits(abs_bits(x)) * inverse;  // may pass 1.0 by an ulp: clamped
+  const uint32_t bits = abs_bits(ratio);  // (a NaN's sign is the platform's: dropped)
+  constexpr int32_t drop = 23 - kQMantissa<q>;  // to nearest even on the kept bits
+  int32_t k = static_cast<int32_t>((bits + ((1u << (drop - 1)) - 1u) + ((bits >> drop) & 1u)) >>
+                                   drop) - kQBias<q>;
+  k = k > kQTop<q> ? kQTop<q> : k;
+  if (q == QState::kExpAvg) {
+    return static_cast<uint8_t>((k < 0 ? 0 : k) | (x < 0.0f ? 0x80 : 0));
+  }
+  return static_cast<uint8_t>(x > 0.0f ? (k < 1 ? 1 : k) : 0);  // positive: never 0
+}
+
+template <QState q>
+FA_HD float q8_decode(uint8_t code, float absmax) {
+  const int32_t k = q == QState::kExpAvg ? (code & 0x7f) : code;
+  const float value =
+      float_from_bits(k == 0 ? 0u : static_cast<uint32_t>(k + kQBias<q>) << (23 - kQMantissa<q>)) *
+      absmax;
+  return q == QState::kExpAvg && (code & 0x80) ? -value : value;
+}
+
 // One element. `vmax` is read and written only when `amsgrad`.
 template <WeightDecay wd, bool amsgrad>
 FA_HD void adam_update(float& p, float g, float& m, float& v, float& vmax, const AdamHyper& s) {

@@ -20,10 +20,16 @@ std::vector<SegmentSpec> check_launch(const Buffers& b, const at::Tensor& hyper,
     TORCH_CHECK(list->size() == n, "fused_adam: ", name, " must hold one tensor per param buffer");
   }
   for (const auto& [list, name] : {std::pair{&b.max_exp_avg_sqs, "max_exp_avg_sqs"},
-                                   {&b.masters, "masters"}}) {
+                                   {&b.masters, "masters"}, {&b.exp_avg_absmaxes, "exp_avg_absmaxes"},
+                                   {&b.exp_avg_sq_absmaxes, "exp_avg_sq_absmaxes"}}) {
     TORCH_CHECK(list->empty() || list->size() == n, "fused_adam: ", name,
                 " must be empty or hold one tensor per param buffer");
   }
+  const bool quantized = b.quantized();
+  TORCH_CHECK(b.exp_avg_sq_absmaxes.size() == b.exp_avg_absmaxes.size(),
+              "fused_adam: 8-bit states are both moments or neither");
+  TORCH_CHECK(!quantized || b.max_exp_avg_sqs.empty(),
+              "fused_adam: amsgrad is not supported with 8-bit states");
   TORCH_CHECK(!stochastic || b.masters.empty(),
               "fused_adam: stochastic rounding applies to bfloat16 params without a master copy");
   const at::Device device = n ? b.params[0].device() : hyper.device();
@@ -31,7 +37,25 @@ std::vector<SegmentSpec> check_launch(const Buffers& b, const at::Tensor& hyper,
     const at::Tensor& param = b.params[i];
     TORCH_CHECK(!stochastic || param.scalar_type() == at::kBFloat16,
                 "fused_adam: stochastic rounding applies to bfloat16 params");
-    std::vector<const at::Tensor*> all = {&param, &b.grads[i], &b.exp_avgs[i], &b.exp_avg_sqs[i]};
+    std::vector<const at::Tensor*> all = {&param, &b.grads[i]};
+    if (quantized) {
+      TORCH_CHECK(b.grads[i].scalar_type() == param.scalar_type(),
+                  "fused_adam: with 8-bit states grads must have the param's dtype");
+      for (const at::Tensor* codes : {&b.exp_avgs[i], &b.exp_avg_sqs[i]}) {
+        TORCH_CHECK(codes->scalar_type() == at::kByte && codes->device() == device &&
+                        codes->numel() == param.numel() && codes->is_contiguous(),
+                    "fused_adam: 8-bit states must be contiguous uint8 codes, one per element");
+      }
+      const int64_t blocks = (param.numel() + kQBlock - 1) / kQBlock;
+      for (const at::Tensor* absmax : {&b.exp_avg_absmaxes[i], &b.exp_avg_sq_absmaxes[i]}) {
+        TORCH_CHECK(absmax->scalar_type() == at::kFloat && absmax->device() == device &&
+                        absmax->numel() >= blocks && absmax->is_contiguous(),
+                    "fused_adam: an absmax must be contiguous float32, one per block of ",
+                    kQBlock, " elements");
+      }
+    } else {
+      all.insert(all.end(), {&b.exp_avgs[i], &b.exp_avg_sqs[i]});
+    }
     if (!b.max_exp_avg_sqs.empty()) all.push_back(&b.max_exp_avg_sqs[i]);
     if (!b.masters.empty()) {
       TORCH_CHECK(b.masters[i].scalar_type() == at::kFloat,
@@ -68,6 +92,8 @@ std::vector<SegmentSpec> check_launch(const Buffers& b, const at::Tensor& hyper,
                     s.length >= 0 && s.length <= b.params[s.buffer].numel() - s.start &&
                     s.row >= 0 && s.row < hyper.size(0),
                 "fused_adam: segment ", k / kSegmentFields, " is out of range");
+    TORCH_CHECK(!quantized || s.start % kQBlock == 0, "fused_adam: segment ", k / kSegmentFields,
+                " must start on a block of ", kQBlock, " elements (8-bit states)");
     if (s.length) out.push_back(s);
   }
   return out;
@@ -79,5 +105,5 @@ TORCH_LIBRARY(fused_adam, m) {
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, "
-      "Tensor hyper, int[] segments, *, bool stochastic=False, Tensor? found_inf=None) -> ()");
+      "Tensor(f!)[] exp_avg_absmaxes, Tensor(g!)[] exp_avg_sq_absmaxes, Tensor hyper, int[] segments, *, bool stochastic=False, Tensor? found_inf=None) -> ()");
 }

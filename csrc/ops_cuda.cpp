@@ -15,15 +15,19 @@ DType to_dtype(at::ScalarType t) {
     case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
+    case at::kByte: return DType::kUInt8;
     default: TORCH_CHECK(false, "fused_adam: unsupported dtype ", t);
   }
 }
 
 void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                    at::TensorList masters, const at::Tensor& hyper, at::IntArrayRef segments,
-                    bool stochastic, const std::optional<at::Tensor>& found_inf) {
-  const Buffers b{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters};
+                    at::TensorList masters, at::TensorList exp_avg_absmaxes,
+                    at::TensorList exp_avg_sq_absmaxes, const at::Tensor& hyper,
+                    at::IntArrayRef segments, bool stochastic,
+                    const std::optional<at::Tensor>& found_inf) {
+  const Buffers b{params,  grads,           exp_avgs,         exp_avg_sqs,
+                  max_exp_avg_sqs, masters, exp_avg_absmaxes, exp_avg_sq_absmaxes};
   const std::vector<SegmentSpec> specs = check_launch(b, hyper, segments, stochastic, found_inf);
   if (specs.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -36,7 +40,9 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     const at::Tensor* tensors[kOperands] = {
         &params[s.buffer], &grads[s.buffer], &exp_avgs[s.buffer], &exp_avg_sqs[s.buffer],
         max_exp_avg_sqs.empty() ? nullptr : &max_exp_avg_sqs[s.buffer],
-        masters.empty() ? nullptr : &masters[s.buffer]};
+        masters.empty() ? nullptr : &masters[s.buffer],
+        b.quantized() ? &exp_avg_absmaxes[s.buffer] : nullptr,
+        b.quantized() ? &exp_avg_sq_absmaxes[s.buffer] : nullptr};
     Segment& sg = segs[k];
     sg.numel = s.length;
     sg.index_base = s.index_base;
@@ -44,15 +50,18 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     sg.vec = true;
     for (int i = 0; i < kOperands; ++i) {
       const at::Tensor* t = tensors[i];
-      sg.data[i] = t ? static_cast<char*>(t->data_ptr()) + s.start * t->element_size() : nullptr;
+      const int64_t at = i >= 6 ? s.start / kQBlock : s.start;  // (scales: one per block)
+      sg.data[i] = t ? static_cast<char*>(t->data_ptr()) + at * t->element_size() : nullptr;
       sg.dtype[i] = t ? to_dtype(t->scalar_type()) : DType::kFloat32;
-      if (t) sg.vec &= reinterpret_cast<uintptr_t>(sg.data[i]) % (width * t->element_size()) == 0;
+      if (t && i < 6) {
+        sg.vec &= reinterpret_cast<uintptr_t>(sg.data[i]) % (width * t->element_size()) == 0;
+      }
     }
   }
   const cudaError_t err = launch_adam_cuda(
       segs.data(), static_cast<int64_t>(segs.size()), rows.const_data_ptr<double>(),
       found_inf ? found_inf->const_data_ptr<float>() : nullptr, !max_exp_avg_sqs.empty(),
-      stochastic, c10::cuda::getCurrentCUDAStream());
+      b.quantized(), stochastic, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "fused_adam: CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 

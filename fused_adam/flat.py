@@ -38,6 +38,7 @@ stepped one after another, each copied in just before its update, as torch's loo
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import operator
 import sys
@@ -46,12 +47,17 @@ from dataclasses import dataclass
 
 import torch
 
+from . import quantize
+
 # Each segment starts at a multiple of 16 elements: views stay >= 32-byte aligned, so a kernel
 # working per segment keeps its 128-bit vector loads, and every buffer's length is a multiple of
 # 16, so whole-buffer launches need no scalar tail.
 ALIGN = 16
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 MASTER_KEY = "master_param"  # the fp32 master copy of a bf16/fp16 param, in optimizer.state[p]
+# The states a launch takes after param and grad, in the backends' order (8-bit states: the
+# moments are codes, with their scales last).
+OPERAND_STATES = (*STATE_KEYS, MASTER_KEY, *map(quantize.absmax_key, quantize.KEYS))
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 SPARSE_ERROR = "Adam does not support sparse gradients, please consider SparseAdam instead"
 _GRAD = operator.attrgetter("grad")
@@ -184,8 +190,8 @@ def _elements(p: torch.Tensor) -> int:
     return _local(p).numel() * (2 if p.is_complex() else 1)
 
 
-def _padded(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
+def _padded(n: int, align: int = ALIGN) -> int:
+    return -(-n // align) * align
 
 
 def _view(flat: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
@@ -196,6 +202,23 @@ def _view(flat: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
         real = flat.as_strided((*like.shape, 2), (*(2 * s for s in stride), 1), offset)
         return torch.view_as_complex(real)
     return flat.as_strided(like.shape, stride, offset)
+
+
+def _convert_moments(s: dict, quantized: bool) -> None:
+    """State dict `s` (a load's, or what user code put there) in the form of our buffers: float
+    moments of a torch checkpoint quantized for 8-bit states, and 8-bit ones (codes with their
+    scales) decoded for float states."""
+    for key in quantize.KEYS:
+        value, scale = s.get(key), s.get(quantize.absmax_key(key))
+        if not torch.is_tensor(value):
+            continue
+        if quantized and value.is_floating_point():
+            s[key], s[quantize.absmax_key(key)] = quantize.quantize(value, key)
+        elif quantized and scale is None:
+            raise KeyError(f"the 8-bit optimizer state lacks {quantize.absmax_key(key)!r}")
+        elif not quantized and scale is not None:
+            s[key] = quantize.decode(value, scale.to(value.device), key).view(value.shape)
+            del s[quantize.absmax_key(key)]
 
 
 class Watch:
@@ -270,6 +293,21 @@ class Layout:
                 _LAYOUTS[key] = made
         return made
 
+    @property
+    def quantized(self) -> bool:
+        """8-bit states (fused_adam/quantize.py): both moments, or neither."""
+        return self.exp_avg_dtype == quantize.INT8
+
+    def for_param(self, p: torch.Tensor) -> "Layout":
+        """The layout of p's buffer: with 8-bit states, fp32 states instead for a param under
+        quantize.MIN_NUMEL elements, a complex one, a DTensor shard (its states are DTensors
+        like it; scales per block of a shard have no such layout) or one whose grads have
+        another dtype."""
+        if not self.quantized or (p.numel() >= quantize.MIN_NUMEL and not p.is_complex()
+                                  and not _is_dtensor(p) and buffer_key(p)[1] == buffer_key(p)[2]):
+            return self
+        return _fp32_states(self)
+
     def state_dtype(self, key: str, param_dtype: torch.dtype) -> torch.dtype:
         chosen = self.exp_avg_dtype if key == "exp_avg" else self.exp_avg_sq_dtype
         if chosen is not None:
@@ -278,6 +316,12 @@ class Layout:
 
     def has_master(self, param_dtype: torch.dtype) -> bool:
         return self.master_weights and param_dtype in LOW_PRECISION
+
+
+@functools.cache
+def _fp32_states(layout: Layout) -> Layout:
+    return dataclasses.replace(layout, exp_avg_dtype=torch.float32,
+                               exp_avg_sq_dtype=torch.float32)
 
 
 class FlatBuffer:
@@ -299,9 +343,12 @@ class FlatBuffer:
         # solo: one large param stepped in its own storage (GroupBuffers' SOLO_NUMEL), its grad
         # read where autograd put it: no copy of either, as torch.optim holds them.
         self.solo = solo
+        # (8-bit states: each param starts on a block of their scales)
+        self.quantized = layout.quantized
+        align = quantize.QBLOCK if self.quantized else ALIGN
         bounds = [0]
         for p in params:
-            bounds.append(bounds[-1] + (_elements(p) if solo else _padded(_elements(p))))
+            bounds.append(bounds[-1] + (_elements(p) if solo else _padded(_elements(p), align)))
         self.bounds = bounds  # segment i is [bounds[i], bounds[i + 1]), padding included
         self.total = bounds[-1]
         # the spans of a step of every param with one step count: one per group
@@ -309,6 +356,11 @@ class FlatBuffer:
         make = lambda dtype: torch.zeros(self.total, dtype=dtype, device=self.device)  # noqa: E731
         self.state_dtypes = {k: layout.state_dtype(k, self.dtype)
                              for k in STATE_KEYS[: 3 if layout.amsgrad else 2]}
+        if self.quantized:  # codes, and a scale per block (absmax keys) of float32
+            if layout.amsgrad:  # (amsgrad turned on in a group after construction)
+                raise ValueError("state_dtype 'int8' does not support amsgrad")
+            self.state_dtypes = {k: quantize.CODE_DTYPE for k in quantize.KEYS}
+            self.state_dtypes |= {quantize.absmax_key(k): torch.float32 for k in quantize.KEYS}
         if layout.has_master(self.dtype):
             self.state_dtypes[MASTER_KEY] = torch.float32
         if any(p.is_complex() for p in params) and any(
@@ -379,8 +431,14 @@ class FlatBuffer:
         self.unwatched: set[int] = set()  # params whose state dict is a plain dict: checked always
         self.dtensor_states: dict[tuple[str, int], torch.Tensor] = {}
 
-    def _make_view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
-        view = _view(flat, self.bounds[i], _local(self.params[i]))
+    def _make_view(self, flat: torch.Tensor, i: int, key: str | None = None) -> torch.Tensor:
+        """Param i's segment of `flat` (of state `key`): shaped like the param, or for a scale
+        key of 8-bit states (quantize.absmax_key) its blocks' scales, flat."""
+        if key in quantize.ABSMAX_KEYS:
+            start = self.bounds[i] // quantize.QBLOCK
+            view = flat[start:start + quantize.blocks(_elements(self.params[i]))]
+        else:
+            view = _view(flat, self.bounds[i], _local(self.params[i]))
         # (a compiled first step allocates the states: dynamo traces views, not DLPack)
         return view if torch.compiler.is_compiling() else _alias(view)
 
@@ -389,11 +447,13 @@ class FlatBuffer:
         step each still in place becomes an alias (the same object, a storage of its own); one
         user code re-pointed since is stale (its address is not its segment's)."""
         flat = self.state[key]
-        self.ptrs[key] = [flat.data_ptr() + start * flat.element_size() for start in self.bounds[:-1]]
+        per = quantize.QBLOCK if key in quantize.ABSMAX_KEYS else 1
+        self.ptrs[key] = [flat.data_ptr() + start // per * flat.element_size()
+                          for start in self.bounds[:-1]]
         for i, (view, ptr) in enumerate(zip(self.views[key], self.ptrs[key])):
             if view.data_ptr() == ptr:  # (an alias of a fresh view, which holds the buffer: one
                 # of `view` itself pointed `view` at itself, and the buffer could be freed)
-                view.data = self._make_view(flat, i)
+                view.data = self._make_view(flat, i, key)
 
     def _allocate_states(self) -> None:
         """The state buffers and their per-param views: moments zero, the master copy the params'
@@ -401,11 +461,12 @@ class FlatBuffer:
         if self.state:
             return
         for key, dtype in self.state_dtypes.items():
-            flat = torch.zeros(self.total, dtype=dtype, device=self.device)
+            size = quantize.blocks(self.total) if key in quantize.ABSMAX_KEYS else self.total
+            flat = torch.zeros(size, dtype=dtype, device=self.device)
             if key == MASTER_KEY:
                 flat.copy_(self.param)
             self.state[key] = flat
-            self.views[key] = [self._make_view(flat, i) for i in range(len(self.params))]
+            self.views[key] = [self._make_view(flat, i, key) for i in range(len(self.params))]
             self.ptrs[key] = (None if torch.compiler.is_compiling() else
                               [v.data_ptr() for v in self.views[key]])
 
@@ -432,10 +493,12 @@ class FlatBuffer:
         self.history[i] = hash(step)
         if s:
             self._allocate_states()
+        if s:
+            _convert_moments(s, self.quantized)
         for key in self.state:
             view, ptrs = self.views[key][i], self.ptrs[key]
             if ptrs is not None and view.data_ptr() != ptrs[i]:  # `view.data = t`: t's values
-                fresh = self._make_view(self.state[key], i)
+                fresh = self._make_view(self.state[key], i, key)
                 fresh.copy_(view)
                 view.data = fresh
             if s and key in s:
@@ -514,7 +577,7 @@ class FlatBuffer:
             if dicts[i] and missing:  # torch's step: KeyError
                 raise KeyError(f"the optimizer state of a parameter lacks {sorted(missing)}")
             shape = self.params[i].shape
-            for key in self.state_dtypes:  # torch's in-place update: no broadcast into a state
+            for key in STATE_KEYS:  # torch's in-place update: no broadcast into a state
                 value = (dicts[i] or {}).get(key)
                 if torch.is_tensor(value) and value.shape != shape:
                     raise RuntimeError(f"output with shape {list(value.shape)} doesn't match "
@@ -675,10 +738,8 @@ class FlatBuffer:
         return work
 
     def operands(self) -> tuple:
-        """The launch's operands: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master (the
-        last two None when absent)."""
-        return (self.param, self.grad_now, self.state["exp_avg"], self.state["exp_avg_sq"],
-                self.state.get("max_exp_avg_sq"), self.state.get(MASTER_KEY))
+        """The launch's operands: param, grad, then OPERAND_STATES (None where absent)."""
+        return (self.param, self.grad_now, *map(self.state.get, OPERAND_STATES))
 
     def _in_place_operands(self, i: int) -> tuple:
         """Param i (its own storage, or its segment of ours) and its grad where it is (or its
@@ -687,7 +748,7 @@ class FlatBuffer:
         grad = self.grad_operands.get(i)
         return (_local(self.params[i]), self.views["grad"][i] if grad is None else grad,
                 *(None if key not in self.state else self.views[key][i]
-                  for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", MASTER_KEY)))
+                  for key in OPERAND_STATES))
 
     def end(self) -> None:
         """Copied params back where they live, after an update `begin` copied them in for (a
@@ -902,7 +963,7 @@ def _pack(entries: list[tuple[torch.Tensor, int]], records: list[GroupRecord],
     solo, serial = [], []
     for p, g in entries:
         _check_writable(p)
-        layout = records[g].layout
+        layout = records[g].layout.for_param(p)
         if id(p) in records[g].ordered_ids:
             serial.append((p, g))
         elif (p.numel() >= SOLO_NUMEL and p.is_contiguous() and not p.is_complex()
@@ -922,8 +983,9 @@ def _pack(entries: list[tuple[torch.Tensor, int]], records: list[GroupRecord],
     return [FlatBuffer([p for p, _ in chunk], key[-1], watch, [g for _, g in chunk],
                        grad_buffer=not key[-2])
             for key, chunks in by_key.items() for chunk in chunks if chunk] + [
-        FlatBuffer([p], records[g].layout, watch, [g], solo=True) for p, g in solo] + [
-        FlatBuffer([p], records[g].layout, watch, [g], ordered=True) for p, g in serial]
+        FlatBuffer([p], records[g].layout.for_param(p), watch, [g], solo=True) for p, g in solo] + [
+        FlatBuffer([p], records[g].layout.for_param(p), watch, [g], ordered=True)
+        for p, g in serial]
 
 
 def clip_coefficient(prepared, max_norm: float, grad_scale=None,

@@ -70,17 +70,19 @@ def device_row(*, step: torch.Tensor, lr, beta1, beta2, eps, weight_decay=0.0,
 
 
 def step_segments_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, hyper,
-                   segments, *, stochastic=False, found_inf=None, backend="auto") -> None:
+                   segments, *, exp_avg_absmaxes=(), exp_avg_sq_absmaxes=(), stochastic=False,
+                   found_inf=None, backend="auto") -> None:
     """One launch: every segment of `segments` (SEGMENT_FIELDS, flattened) over buffer lists
-    (max_exp_avg_sqs, masters: empty, or one tensor per buffer), each segment with its row of
-    `hyper` (float64 [rows, len(HYPER_FIELDS)], on the CPU or the buffers' device). `found_inf`
-    (a device scalar, nonzero: skip) is read by the kernel: no host sync."""
+    (max_exp_avg_sqs, masters and, with 8-bit states, the absmaxes: empty, or one tensor per
+    buffer), each segment with its row of `hyper` (float64 [rows, len(HYPER_FIELDS)], on the CPU
+    or the buffers' device). `found_inf` (a device scalar, nonzero: skip) is read by the kernel:
+    no host sync."""
     if not params:
         return
     backends.resolve(backend, params[0].device, params[0].dtype)(
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs),
-        list(masters), hyper, [int(x) for x in segments], stochastic=bool(stochastic),
-        found_inf=found_inf)
+        list(masters), list(exp_avg_absmaxes), list(exp_avg_sq_absmaxes), hyper,
+        [int(x) for x in segments], stochastic=bool(stochastic), found_inf=found_inf)
 
 
 class Launch:
@@ -91,7 +93,7 @@ class Launch:
 
     def __init__(self, backend_fn, stochastic: bool):
         self.backend_fn, self.stochastic = backend_fn, stochastic
-        self.lists: tuple[list, ...] = ([], [], [], [], [], [])
+        self.lists: tuple[list, ...] = ([], [], [], [], [], [], [], [])
         self.segments: list[int] = []
         self.rows: list = []  # host rows (lists of floats) or device rows (tensors)
         self.multipliers: list = []  # per row: None or the group's multiplier tensor
@@ -99,8 +101,8 @@ class Launch:
         self._plain = True  # every row from the host, no multiplier: the table as it is
 
     def add(self, operands, spans, options_of: list[dict], multiplier_of: list) -> None:
-        """`operands` of one buffer (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master)
-        and its spans (start, end, step count, index base of the random bits, key, group): group
+        """`operands` of one buffer (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master,
+        exp_avg_absmax, exp_avg_sq_absmax: None where absent) and its spans (start, end, step count, index base of the random bits, key, group): group
         g's options (hyper_row's keywords) are options_of[g], its multiplier (None or a tensor)
         multiplier_of[g]. Spans of one group with one key (None: none) share a row."""
         buffer = len(self.lists[0])
@@ -157,6 +159,8 @@ class Launch:
 def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                exp_avg_sq: torch.Tensor, max_exp_avg_sq: torch.Tensor | None = None,
                master: torch.Tensor | None = None, *,
+               exp_avg_absmax: torch.Tensor | None = None,
+               exp_avg_sq_absmax: torch.Tensor | None = None,
                step: float, lr: float, beta1: float, beta2: float, eps: float,
                weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
                maximize: bool = False, bias_correction: bool = True,
@@ -166,7 +170,8 @@ def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     """Update `param`, `exp_avg`, `exp_avg_sq` (and `max_exp_avg_sq`, i.e. amsgrad) in place.
 
     With `master` (an fp32 copy of a bf16/fp16 param) the math updates the master and the param
-    is written as its rounding. Math is fp32 whatever the tensors' dtypes; each result is rounded
+    is written as its rounding. With the absmaxes, exp_avg and exp_avg_sq are 8-bit states
+    (uint8 codes, fused_adam/quantize.py), updated in place with their scales. Math is fp32 whatever the tensors' dtypes; each result is rounded
     once on store: to nearest even, or for a bf16 param with `stochastic_rounding_seed` set,
     stochastically with random bits keyed on (seed, step, index_base + element index), the same
     on every backend. `clip_coef`, a one-element fp32 tensor on the param's device (computed
@@ -185,7 +190,8 @@ def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
         step = step.to(param.device)
     launch = Launch(backends.resolve(backend, param.device, param.dtype),
                     stochastic=stochastic_rounding_seed is not None)
-    launch.add((param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master),
+    launch.add((param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, exp_avg_absmax,
+                exp_avg_sq_absmax),
                [(0, param.numel(), step, index_base, None, 0)],
                [dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                     decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,

@@ -14,7 +14,7 @@ import operator
 import torch
 from torch.optim import Optimizer
 
-from . import backends
+from . import backends, quantize
 from .flat import Layout, Packing, Watch, buffer_key, clip_coefficient, nonfinite
 from .functional import Launch
 
@@ -29,7 +29,10 @@ class FusedAdam(Optimizer):
         state; the step updates it and writes the param as its rounding.
       state_dtype: dtype of exp_avg and exp_avg_sq (max_exp_avg_sq follows exp_avg_sq), or a
         dict {"exp_avg": dtype, "exp_avg_sq": dtype}; default: the param dtype, as torch, or
-        float32 with master_weights.
+        float32 with master_weights. "int8": both moments 8-bit, blockwise (2 B/param instead
+        of 8 in fp32; `state[p]` holds uint8 codes and `exp_avg_absmax` / `exp_avg_sq_absmax`
+        scales, see fused_adam/quantize.py, which also turns such a state_dict into torch's);
+        params under 4096 elements keep fp32 states. Not with amsgrad.
       stochastic_rounding: round bfloat16 params (without master weights) stochastically, with
         random bits keyed on (seed, step, element index): reproducible on every backend.
       seed: the stochastic-rounding seed.
@@ -116,9 +119,9 @@ class FusedAdam(Optimizer):
 
     def load_state_dict(self, state_dict):
         """torch's load, with three differences. State tensors keep the precision they were saved
-        with: torch casts every floating state to the param's dtype, which would round an fp32
-        master copy or fp32 states of a bf16 param to bf16; the flat buffers cast to their own
-        dtypes instead. Our own options (max_grad_norm, master_weights, ...) missing from the
+        with: torch casts every state to the param's dtype, which would round an fp32 master copy
+        or fp32 states of a bf16 param to bf16 (and make 8-bit codes floats); the flat buffers
+        cast to their own dtypes instead. Our own options (max_grad_norm, master_weights, ...) missing from the
         checkpoint (one written by torch.optim) keep this optimizer's values: a resumed run keeps
         its clipping. And the checkpoint's states are checked against the params first (shapes,
         exp_avg and exp_avg_sq present with a step): a bad one raises with nothing changed."""
@@ -141,7 +144,7 @@ class FusedAdam(Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             for key, value in saved.get(saved_id, {}).items():
-                if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                if key != "step" and torch.is_tensor(value):  # (8-bit codes too: uint8)
                     self.state[p][key] = value
         self._sync_layout()  # copy into our buffers now: nothing aliases the loaded tensors
 
@@ -373,7 +376,7 @@ def _check_group(group: dict) -> None:
     max_norm = group["max_grad_norm"]
     if max_norm is not None and not (isinstance(max_norm, (int, float)) and max_norm > 0):
         raise ValueError(f"Invalid max_grad_norm value: {max_norm}")
-    _check_state_dtype(group["state_dtype"])
+    _check_state_dtype(group["state_dtype"], group["amsgrad"])
     if group["stochastic_rounding"] and group["master_weights"]:
         raise ValueError("stochastic_rounding applies to bfloat16 params without master weights")
     backends.check_name(group["backend"])
@@ -413,7 +416,7 @@ def _checked(groups: list[dict], state_dict: dict) -> dict:
         if missing:
             raise ValueError(f"loaded state_dict has a state for parameter {n} without "
                              f"{', '.join(map(repr, missing))}")
-        for key in STATE_SHAPED:
+        for key in STATE_SHAPED:  # (8-bit states: the codes are; their scales per block)
             value = state.get(key)
             if value is not None and (not torch.is_tensor(value) or value.shape != p.shape):
                 shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
@@ -422,14 +425,20 @@ def _checked(groups: list[dict], state_dict: dict) -> dict:
     return state_dict
 
 
-def _check_state_dtype(state_dtype) -> None:
-    chosen = state_dtype if isinstance(state_dtype, dict) else {"exp_avg": state_dtype}
+def _check_state_dtype(state_dtype, amsgrad: bool) -> None:
+    chosen = state_dtype if isinstance(state_dtype, dict) else {"exp_avg": state_dtype,
+                                                                "exp_avg_sq": state_dtype}
     unknown = set(chosen) - {"exp_avg", "exp_avg_sq"}
     if unknown:
         raise ValueError(f"state_dtype keys must be 'exp_avg' and/or 'exp_avg_sq', got {sorted(unknown)}")
     for dtype in chosen.values():
-        if dtype is not None and dtype not in STATE_DTYPES:
-            raise ValueError(f"state_dtype must be one of {STATE_DTYPES} or None, got {dtype}")
+        if dtype is not None and dtype not in STATE_DTYPES and dtype != quantize.INT8:
+            raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, 'int8' or None, got {dtype}")
+    if quantize.INT8 in chosen.values():
+        if set(chosen.values()) != {quantize.INT8} or len(chosen) != 2:
+            raise ValueError("state_dtype 'int8' applies to exp_avg and exp_avg_sq together")
+        if amsgrad:
+            raise ValueError("state_dtype 'int8' does not support amsgrad")
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay, foreach, fused) -> None:

@@ -17,8 +17,8 @@ NVCC = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nv
 pytestmark = pytest.mark.skipif(NVCC is None or not os.path.exists(NVCC), reason="no nvcc")
 FLAGS = ["-O3", "--fmad=false", "-std=c++17", f"-I{CSRC}"]
 # dtypes and the weight-decay mode (from the row) are run-time: 2 vector widths (16 bytes of 4- or
-# 2-byte params) x amsgrad on/off.
-KERNELS_PER_ARCH = 2 * 2
+# 2-byte params) x the operands that exist (plain, amsgrad, 8-bit states).
+KERNELS_PER_ARCH = 2 * 3
 
 
 def test_kernels_compile_without_spills(tmp_path):
@@ -40,14 +40,19 @@ def test_fp32_kernel_is_vectorized(tmp_path):
     subprocess.run([NVCC, *FLAGS, "-arch=sm_90", "-ptx", str(CSRC / "adam_cuda.cu"), "-o",
                     str(ptx_path)], check=True, capture_output=True)
     entries = re.split(r"\.entry ", ptx_path.read_text())[1:]
-    # adam_kernel<N=4 (fp32 params), amsgrad=false>
-    (body,) = [e for e in entries if "adam_kernelILi4ELb0E" in e.split("(")[0]]
+    # adam_kernel<N=4 (fp32 params), Mode::kPlain>
+    (body,) = [e for e in entries if "adam_kernelILi4ELNS0_4ModeE0E" in e.split("(")[0]]
     # fp32 operands move as 128-bit vectors, 16-bit ones as 64-bit (ptxas may share one access
     # between operands' identical dtype paths, so the count is not one per tensor)
     assert re.search(r"ld\.global(\.nc)?\.v4\.f32", body) and re.search(r"st\.global\.v4\.f32", body)
     assert re.search(r"ld\.global(\.nc)?\.v4\.u16", body) and re.search(r"st\.global\.v4\.u16", body)
     assert "fma.rn.f32" in body and "sqrt.rn.f32" in body and "div.rn.f32" in body
     assert "mul.wide" in body or "cvt.s64" in body or "cvt.u64" in body  # 64-bit offsets
+    # adam_kernel<N=4, Mode::kQ8>: the fp32 param and grad still as 128-bit vectors; the block's
+    # max through warp shuffles
+    (q8,) = [e for e in entries if "adam_kernelILi4ELNS0_4ModeE2E" in e.split("(")[0]]
+    assert re.search(r"ld\.global(\.nc)?\.v4\.f32", q8) and re.search(r"st\.global\.v4\.[fu]32", q8)
+    assert "shfl.sync.bfly" in q8 and "bar.sync" in q8
 
 
 def test_cuda_binding_compiles_against_torch_headers(tmp_path):

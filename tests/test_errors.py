@@ -151,7 +151,7 @@ def test_segments_out_of_range_raise_even_where_start_plus_length_overflows():
     for segment in ([0, 1, 2**63 - 1, 0, 0], [0, 2**62, 2**62, 0, 0], [0, 0, 9, 0, 0],
                     [1, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, -1, 1, 0, 0]):
         with pytest.raises(RuntimeError, match="segment 0 is out of range"):
-            torch.ops.fused_adam.adam_step_(*([t] for t in ts), [], [], hyper, segment)
+            torch.ops.fused_adam.adam_step_(*([t] for t in ts), [], [], [], [], hyper, segment)
 
 
 def test_the_torch_backend_steps_strided_tensors():

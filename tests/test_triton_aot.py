@@ -14,7 +14,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from fused_adam.backends.triton_kernel import BLOCK, NUM_WARPS, _adam_kernel  # noqa: E402
 
-POINTERS = ("p_base", "g_base", "m_base", "v_base", "vmax_base", "w_base")
+POINTERS = ("p_base", "g_base", "m_base", "v_base", "vmax_base", "w_base", "ma_base", "va_base")
 # Weight decay, maximize and the clip coefficient come from the row at run time: only the
 # operands that exist and how the param is stored make variants.
 MODES = {
@@ -26,15 +26,20 @@ MODES = {
     "skip": dict(AMSGRAD=False, MASTER=False, STOCHASTIC=False, SKIP=True),
     # bf16 params and grads, fp32 states, params stochastically rounded
     "bf16-stochastic": dict(AMSGRAD=False, MASTER=False, STOCHASTIC=True),
+    # 8-bit states (uint8 codes, fp32 scales per block): fp32 params, bf16 + fp32 master
+    "q8": dict(AMSGRAD=False, MASTER=False, STOCHASTIC=False, Q8=True),
+    "q8-bf16-master": dict(AMSGRAD=False, MASTER=True, STOCHASTIC=False, Q8=True),
 }
 BF16 = {"p_base", "g_base"}
 
 
 def _compile(arch, mode, pointer_types=None):
     names = _adam_kernel.arg_names
-    constexprs = dict(dict(SKIP=False), **MODES[mode], ALIGNED=True, BLOCK=BLOCK)
+    constexprs = dict(dict(SKIP=False, Q8=False), **MODES[mode], ALIGNED=True, BLOCK=BLOCK)
     low = BF16 if MODES[mode]["MASTER"] or MODES[mode]["STOCHASTIC"] else set()
     signature = {n: "*bf16" if n in low else "*fp32" for n in POINTERS} | (pointer_types or {})
+    if constexprs["Q8"]:
+        signature |= {"m_base": "*u8", "v_base": "*u8"}
     # Ints as launched: i32 while their values fit (Triton types ints by value).
     signature |= {"table_ptr": "*i64", "n_segments": "i32", "hyper_ptr": "*fp64",
                   "found_ptr": "*fp32"}
@@ -73,6 +78,20 @@ def test_ptx_is_vectorized_and_exact(arch, mode, tmp_path):
     kernel = _compile(arch, mode)
     ptx = kernel.asm["ptx"]
     per_thread = BLOCK // (NUM_WARPS * 32) // 4  # 128-bit accesses per thread per fp32 tensor
+    if MODES[mode].get("Q8"):
+        # fp32 p and g (or the master w): 2 x 128 bits per thread each, bf16 p and g 1 each; the
+        # codes of m and v, 8 a thread, 64 bits each way
+        if MODES[mode]["MASTER"]:
+            assert ptx.count("ld.global.v4.b32") == per_thread + 2 * (per_thread // 2)
+            assert ptx.count("st.global.v4.b32") == per_thread + per_thread // 2
+        else:
+            assert ptx.count("ld.global.v4.b32") == 2 * per_thread
+            assert ptx.count("st.global.v4.b32") == per_thread
+        assert ptx.count("ld.global.v2.b32") == 2 and ptx.count("st.global.v2.b32") == 2
+        assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx and ".local" not in ptx
+        out = _ptxas_report(arch, ptx, tmp_path)
+        assert "0 bytes spill stores, 0 bytes spill loads" in out, out
+        return
     if MODES[mode]["STOCHASTIC"]:
         # fp32 m, v and bf16 p, g: 2 x 128 bits per thread for each fp32 tensor, 1 per bf16
         assert ptx.count("ld.global.v4.b32") == 2 * per_thread + 2 * (per_thread // 2)
@@ -121,7 +140,7 @@ COMBINATIONS = [  # (param, grad, exp_avg, exp_avg_sq, master copy)
 def test_every_dtype_combination_compiles_without_spills(types, tmp_path):
     p, g, m, v, master = types
     pointers = {"p_base": TYPES[p], "g_base": TYPES[g], "m_base": TYPES[m], "v_base": TYPES[v],
-                "vmax_base": TYPES[v], "w_base": "*fp32"}
+                "vmax_base": TYPES[v], "w_base": "*fp32", "ma_base": "*fp32", "va_base": "*fp32"}
     mode = "bf16-master" if master else "amsgrad"
     out = _ptxas_report(90, _compile(90, mode, pointers).asm["ptx"], tmp_path)
     assert "0 bytes spill stores, 0 bytes spill loads" in out and "0 bytes stack frame" in out, out

@@ -25,7 +25,7 @@ def test_triton_kernel_under_interpreter():
                                        "test_kernels_agree.py", "test_mixed_precision.py",
                                        "test_stochastic_rounding.py", "test_clipping.py",
                                        "test_skip_nonfinite.py", "test_capturable.py",
-                                       "test_triton_interpret.py"))]
+                                       "test_quantized.py", "test_triton_interpret.py"))]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=TESTS.parent)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
     assert " passed" in out.stdout and " failed" not in out.stdout

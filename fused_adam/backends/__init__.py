@@ -1,14 +1,16 @@
 """Backend registry: every backend module exposes the same two functions.
 
     unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None
-    adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, hyper, segments,
-               *, stochastic, found_inf) -> None  # in place
+    adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, exp_avg_absmaxes,
+               exp_avg_sq_absmaxes, hyper, segments, *, stochastic, found_inf) -> None  # in place
 
 One call is one launch over segments of buffers (fused_adam/functional.py: SEGMENT_FIELDS,
 HYPER_FIELDS): buffer b's operands are params[b], grads[b], exp_avgs[b], exp_avg_sqs[b], and
 max_exp_avg_sqs[b] (amsgrad) and masters[b] (master weights) where those lists are not empty.
 Each tensor may be float32, bfloat16 or float16 independently (a master is the fp32 copy of a
-low-precision param: the math updates it and the param gets its rounding). `hyper` is the
+low-precision param: the math updates it and the param gets its rounding). With 8-bit states
+(exp_avg_absmaxes and exp_avg_sq_absmaxes not empty, fused_adam/quantize.py) exp_avgs and
+exp_avg_sqs hold uint8 codes, the absmaxes one fp32 scale per block, segments start on a block. `hyper` is the
 float64 hyperparameter table (on the CPU, or on the buffers' device when computed there);
 `segments` a flat list of ints, five per segment. `stochastic` rounds bf16 params stochastically
 with the random bits of element i of a segment keyed on (its row's sr_key, index_base + i) as

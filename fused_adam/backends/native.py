@@ -18,7 +18,8 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, hyper, segments, *,
-               stochastic, found_inf):
+def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, exp_avg_absmaxes,
+               exp_avg_sq_absmaxes, hyper, segments, *, stochastic, found_inf):
     torch.ops.fused_adam.adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters,
-                                    hyper, segments, stochastic=stochastic, found_inf=found_inf)
+                                    exp_avg_absmaxes, exp_avg_sq_absmaxes, hyper, segments,
+                                    stochastic=stochastic, found_inf=found_inf)

@@ -12,6 +12,8 @@ they are fresh too: the compiled graph plans its own buffers (and dynamo cannot 
 When every tensor is fp32 (or every one float64) the ops run on them directly: bit-identical to
 torch.optim. Any other mix (bf16/fp16 params, grads or states, an fp32 master copy) runs the same
 ops on fp32 copies and rounds each result once on the way back, which is the kernels' contract.
+8-bit states (fused_adam/quantize.py) are decoded into fp32 copies and encoded back with their
+blocks' new absmax.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import threading
 
 import torch
 
+from .. import quantize
 from ..functional import HYPER_FIELDS, SEGMENT_FIELDS
 
 _workspace = threading.local()
@@ -44,18 +47,20 @@ def _scratch(like: torch.Tensor, slot: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[: like.numel()].view_as(like)
 
 
-def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, hyper, segments, *,
-               stochastic, found_inf):
+def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, exp_avg_absmaxes,
+               exp_avg_sq_absmaxes, hyper, segments, *, stochastic, found_inf):
     """The registry's interface, segment by segment. Host rows arrive as Python floats (the ops
     then take them as torch.optim's do); rows on a GPU, or in a compiled step, as 0-dim tensors,
-    read by the ops there: no host sync, no graph break. On CPU a long segment is stepped in chunks of CHUNK elements: the
-    workspace then never holds more than 7 chunk-sized temporaries (~56 MB), whatever the size of
-    the largest segment stepped so far (it held 1.28 GiB after one 128 MiB bf16 param)."""
+    read by the ops there: no host sync, no graph break. On CPU a long segment is stepped in
+    chunks of CHUNK elements: the workspace then never holds more than 7 chunk-sized temporaries
+    (~56 MB), whatever the size of the largest segment stepped so far (it held 1.28 GiB after
+    one 128 MiB bf16 param)."""
     rows = (hyper.tolist() if hyper.device.type == "cpu" and not torch.compiler.is_compiling()
             else None)
     if stochastic and rows is None:
         raise ValueError("stochastic rounding needs the step count on the host")
     lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters)
+    scales = (exp_avg_absmaxes, exp_avg_sq_absmaxes)
     width = len(SEGMENT_FIELDS)
     for k in range(0, len(segments), width):
         buffer, start, length, row, index_base = segments[k:k + width]
@@ -65,23 +70,40 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, h
         flat = all(t.is_contiguous() for t in (lst[buffer] for lst in lists if lst))
         views = [None if not lst else lst[buffer].view(-1)[start:start + length] if flat else
                  lst[buffer] for lst in lists]
+        absmax = [lst[buffer][start // quantize.QBLOCK:] if lst else None for lst in scales]
         work = torch.float64 if params[buffer].dtype == torch.float64 else torch.float32
         values = rows[row] if rows is not None else hyper[row].to(work).unbind()
         scalars = dict(zip(HYPER_FIELDS, values))
         key = scalars.pop("sr_key")
         key = int(key) if stochastic else None
-        step = CHUNK if views[0].device.type == "cpu" and flat else length
+        step = CHUNK if views[0].device.type == "cpu" and flat else length  # (whole blocks)
         for lo in range(0, length, step):
-            _step(*(None if v is None else v[lo:lo + step] for v in views), sr_key=key,
+            _step(*(None if v is None else v[lo:lo + step] for v in views),
+                  *(None if a is None else a[lo // quantize.QBLOCK:] for a in absmax), sr_key=key,
                   index_base=index_base + lo, found_inf=found_inf, **scalars)
 
 
-def _step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, *, sr_key, index_base,
-          found_inf, **scalars):
-    """`scalars`: the row's fields (HYPER_FIELDS but sr_key), floats or 0-dim device tensors."""
-    outputs = [t for t in (param, exp_avg, exp_avg_sq, max_exp_avg_sq, master) if t is not None]
+def _step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, exp_avg_absmax,
+          exp_avg_sq_absmax, *, sr_key, index_base, found_inf, **scalars):
+    """`scalars`: the row's fields (HYPER_FIELDS but sr_key), floats or 0-dim device tensors.
+    The absmaxes (8-bit states) start at the segment's first block and may run past its end."""
+    if exp_avg_absmax is not None:
+        exp_avg_absmax = exp_avg_absmax[:quantize.blocks(param.numel())]
+        exp_avg_sq_absmax = exp_avg_sq_absmax[:quantize.blocks(param.numel())]
+    outputs = [t for t in (param, exp_avg, exp_avg_sq, max_exp_avg_sq, master, exp_avg_absmax,
+                           exp_avg_sq_absmax) if t is not None]
     saved = None if found_inf is None else [t.clone() for t in outputs]
-    _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, sr_key, index_base, scalars)
+    if exp_avg_absmax is None:
+        _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, sr_key, index_base,
+                scalars)
+    else:  # fp32 moments decoded, stepped as fp32 states, encoded with the blocks' new absmax
+        moments = {"exp_avg": (exp_avg, exp_avg_absmax), "exp_avg_sq": (exp_avg_sq, exp_avg_sq_absmax)}
+        work = {key: quantize.decode(codes, absmax, key) for key, (codes, absmax) in moments.items()}
+        _update(param, grad, work["exp_avg"], work["exp_avg_sq"], None, master, sr_key, index_base,
+                scalars)
+        for key, (codes, absmax) in moments.items():
+            absmax.copy_(quantize.block_absmax(work[key]))
+            codes.copy_(quantize.encode(work[key], absmax, key).view(codes.shape))
     if saved is not None:  # a skipped step: every output as it was, decided on the device
         for out, old in zip(outputs, saved):
             torch.where(found_inf != 0, old, out, out=out)

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import quantize
 from ..functional import SEGMENT_FIELDS
 from . import KERNEL_DTYPES
 
@@ -72,10 +73,10 @@ def _bf16_stochastic(p, key, index):
 
 
 @triton.jit
-def _step_elements(offs, mask, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, hyper_ptr, row,
-                   index_base, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
-                   STOCHASTIC: tl.constexpr):
-    """Load, step and store the elements `offs` where `mask`, with row `row` of the table."""
+def _step_values(offs, mask, p_ptr, g_ptr, m, v, vmax, w_ptr, hyper_ptr, row, index_base,
+                 AMSGRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """Step the elements `offs` (where `mask`) with row `row` of the table, their moments given
+    in fp32: loads the param (or master) and grad, stores them; returns (p, m, v, vmax)."""
     # The row (fused_adam/functional.py HYPER_FIELDS), double, rounded to fp32 as ATen rounds.
     h = hyper_ptr + row.to(tl.int64) * 10
     grad_mult = tl.load(h).to(tl.float32)
@@ -96,11 +97,6 @@ def _step_elements(offs, mask, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, hype
     else:
         p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
-    vmax = v
-    if AMSGRAD:
-        vmax = tl.load(vmax_ptr + offs, mask=mask).to(tl.float32)
     p, m, v, vmax = _adam_math(p, g, m, v, vmax, grad_mult, decay, weight_decay, lerp_weight,
                                beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, AMSGRAD)
     if MASTER:
@@ -111,36 +107,131 @@ def _step_elements(offs, mask, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, hype
         tl.store(p_ptr.to(tl.pointer_type(tl.uint16)) + offs, bits, mask=mask)
     else:
         tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    return p, m, v, vmax
+
+
+@triton.jit
+def _step_elements(offs, mask, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, hyper_ptr, row,
+                   index_base, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
+                   STOCHASTIC: tl.constexpr):
+    """Load, step and store the elements `offs` where `mask`, with row `row` of the table."""
+    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+    vmax = v
+    if AMSGRAD:
+        vmax = tl.load(vmax_ptr + offs, mask=mask).to(tl.float32)
+    p, m, v, vmax = _step_values(offs, mask, p_ptr, g_ptr, m, v, vmax, w_ptr, hyper_ptr, row,
+                                 index_base, AMSGRAD, MASTER, STOCHASTIC)
     tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
     tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
     if AMSGRAD:
         tl.store(vmax_ptr + offs, vmax.to(vmax_ptr.dtype.element_ty), mask=mask)
 
 
+# 8-bit states (fused_adam/quantize.py): code k > 0 is the fp32 bits (k + bias) << DROP times its
+# block's absmax; the top code is 1.0.
+_M_BIAS = tl.constexpr(quantize.BIAS["exp_avg"])
+_V_BIAS = tl.constexpr(quantize.BIAS["exp_avg_sq"])
+_M_DROP = tl.constexpr(23 - quantize.MANTISSA["exp_avg"])  # fp32 mantissa bits not kept
+_V_DROP = tl.constexpr(23 - quantize.MANTISSA["exp_avg_sq"])
+_M_HALF = tl.constexpr(1 << (22 - quantize.MANTISSA["exp_avg"]))  # half of the kept last bit
+_V_HALF = tl.constexpr(1 << (22 - quantize.MANTISSA["exp_avg_sq"]))
+_M_TOP = tl.constexpr(quantize.TOP["exp_avg"])
+_V_TOP = tl.constexpr(quantize.TOP["exp_avg_sq"])
+_QBLOCK = tl.constexpr(quantize.QBLOCK)
+
+
+@triton.jit
+def _q8_decode(code, absmax, BIAS: tl.constexpr, DROP: tl.constexpr, SIGNED: tl.constexpr):
+    """fp32 values of 8-bit state codes with their blocks' scales: csrc/adam_math.h q8_decode."""
+    c = code.to(tl.int32)
+    k = c & 0x7F if SIGNED else c
+    value = tl.where(k == 0, 0, (k + BIAS) << DROP).to(tl.float32, bitcast=True) * absmax
+    if SIGNED:
+        value = tl.where(c >= 0x80, -value, value)
+    return value
+
+
+@triton.jit
+def _q8_encode(x, inverse, BIAS: tl.constexpr, DROP: tl.constexpr, HALF: tl.constexpr,
+               TOP: tl.constexpr, SIGNED: tl.constexpr):
+    """Codes of fp32 x with 1 / their blocks' new scales: csrc/adam_math.h q8_encode."""
+    bits = (tl.abs(x) * inverse).to(tl.uint32, bitcast=True) & 0x7FFFFFFF
+    k = ((bits + (HALF - 1) + ((bits >> DROP) & 1)) >> DROP).to(tl.int32) - BIAS
+    k = tl.minimum(k, TOP)
+    if SIGNED:
+        code = tl.maximum(k, 0) | tl.where(x < 0, 0x80, 0)
+    else:
+        code = tl.where(x > 0, tl.maximum(k, 1), 0)
+    return code.to(tl.uint8)
+
+
+@triton.jit
+def _block_absmax(x, BLOCK: tl.constexpr, QBLOCK: tl.constexpr):
+    """Each QBLOCK run's max |x| as integers on the bits (a NaN wins): csrc/adam_math.h."""
+    bits = tl.reshape(x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF, (BLOCK // QBLOCK, QBLOCK))
+    return tl.max(bits, axis=1).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _step_q8(block, n, p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, ma_ptr, va_ptr, hyper_ptr, row,
+             index_base, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
+             QBLOCK: tl.constexpr):
+    """Program `block` of a segment of n elements with 8-bit states: decode, step, store the
+    param, then encode the moments with their blocks' new absmax (whole blocks per program)."""
+    offs = block * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    blocks = block * (BLOCK // QBLOCK) + tl.arange(0, BLOCK // QBLOCK)
+    in_use = blocks * QBLOCK < n
+    m_scale = tl.reshape(tl.broadcast_to(tl.load(ma_ptr + blocks, mask=in_use)[:, None],
+                                         (BLOCK // QBLOCK, QBLOCK)), (BLOCK,))
+    v_scale = tl.reshape(tl.broadcast_to(tl.load(va_ptr + blocks, mask=in_use)[:, None],
+                                         (BLOCK // QBLOCK, QBLOCK)), (BLOCK,))
+    m = _q8_decode(tl.load(m_ptr + offs, mask=mask), m_scale, _M_BIAS, _M_DROP, True)
+    v = _q8_decode(tl.load(v_ptr + offs, mask=mask), v_scale, _V_BIAS, _V_DROP, False)
+    p, m, v, _ = _step_values(offs, mask, p_ptr, g_ptr, m, v, v, w_ptr, hyper_ptr, row,
+                              index_base, False, MASTER, STOCHASTIC)
+    m = tl.where(mask, m, 0.0)
+    v = tl.where(mask, v, 0.0)
+    m_top = _block_absmax(m, BLOCK, QBLOCK)
+    v_top = _block_absmax(v, BLOCK, QBLOCK)
+    m_inverse = tl.where(m_top > 0, tl.div_rn(tl.full(m_top.shape, 1.0, tl.float32), m_top), 0.0)
+    v_inverse = tl.where(v_top > 0, tl.div_rn(tl.full(v_top.shape, 1.0, tl.float32), v_top), 0.0)
+    m_inverse = tl.reshape(tl.broadcast_to(m_inverse[:, None], (BLOCK // QBLOCK, QBLOCK)), (BLOCK,))
+    v_inverse = tl.reshape(tl.broadcast_to(v_inverse[:, None], (BLOCK // QBLOCK, QBLOCK)), (BLOCK,))
+    tl.store(m_ptr + offs, _q8_encode(m, m_inverse, _M_BIAS, _M_DROP, _M_HALF, _M_TOP, True),
+             mask=mask)
+    tl.store(v_ptr + offs, _q8_encode(v, v_inverse, _V_BIAS, _V_DROP, _V_HALF, _V_TOP, False),
+             mask=mask)
+    tl.store(ma_ptr + blocks, m_top, mask=in_use)
+    tl.store(va_ptr + blocks, v_top, mask=in_use)
+
+
 # The launcher's segment table, int64, one row per segment: each operand's offset from its base
-# argument in elements (p, g, m, v, vmax, w), then length, row, index_base and first program.
-_COLUMNS = tl.constexpr(10)
+# argument in elements (p, g, m, v, vmax, w, m's absmax, v's absmax), then length, row,
+# index_base and first program.
+_COLUMNS = tl.constexpr(12)
 
 
 @triton.jit(do_not_specialize=["n_segments"])
-def _adam_kernel(p_base, g_base, m_base, v_base, vmax_base, w_base, table_ptr, n_segments,
-                 hyper_ptr, found_ptr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
+def _adam_kernel(p_base, g_base, m_base, v_base, vmax_base, w_base, ma_base, va_base, table_ptr,
+                 n_segments, hyper_ptr, found_ptr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
                  STOCHASTIC: tl.constexpr, SKIP: tl.constexpr, ALIGNED: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 Q8: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: flat buffers pass 2**31 elements
     # This program's segment: the last one whose first program is <= pid (binary search).
     lo = pid * 0
     hi = lo + n_segments
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        ahead = tl.load(table_ptr + mid * _COLUMNS + 9) <= pid
+        ahead = tl.load(table_ptr + mid * _COLUMNS + 11) <= pid
         lo = tl.where(ahead, mid, lo)
         hi = tl.where(ahead, hi, mid)
     seg = table_ptr + lo * _COLUMNS
-    length = tl.load(seg + 6)
-    row = tl.load(seg + 7)
-    index_base = tl.load(seg + 8)
-    block = pid - tl.load(seg + 9)
+    length = tl.load(seg + 8)
+    row = tl.load(seg + 9)
+    index_base = tl.load(seg + 10)
+    block = pid - tl.load(seg + 11)
     p_ptr = p_base + tl.load(seg)
     g_ptr = g_base + tl.load(seg + 1)
     m_ptr = m_base + tl.load(seg + 2)
@@ -157,18 +248,25 @@ def _adam_kernel(p_base, g_base, m_base, v_base, vmax_base, w_base, table_ptr, n
     n_elements = length
     if SKIP:  # found_inf, decided on the device: every load and store masked off
         n_elements = tl.where(tl.load(found_ptr) == 0, length, 0)
-    # 128-bit accesses need a mask that is constant over runs of 16 elements: the body, n rounded
-    # down to a multiple of 16, has one; the ragged tail (< 16 elements, e.g. a functional call
-    # on a 4099-element tensor) is stepped by the segment's last program, element by element.
-    # Without the split such a length makes every access of the launch scalar.
-    body = tl.multiple_of(n_elements // 16 * 16, 16)
-    offs = block * BLOCK + tl.arange(0, BLOCK)
-    _step_elements(offs, offs < body, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, hyper_ptr, row,
-                   index_base, AMSGRAD, MASTER, STOCHASTIC)
-    if block == (length + BLOCK - 1) // BLOCK - 1:
-        tail = body + tl.arange(0, 16)
-        _step_elements(tail, tail < n_elements, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr,
-                       hyper_ptr, row, index_base, AMSGRAD, MASTER, STOCHASTIC)
+    if Q8:  # whole blocks of scales per program, one call (ALIGNED: lengths of 16k too)
+        if ALIGNED:
+            n_elements = tl.multiple_of(n_elements, 16)
+        _step_q8(block, n_elements, p_ptr, g_ptr, m_ptr, v_ptr, w_ptr,
+                 ma_base + tl.load(seg + 6), va_base + tl.load(seg + 7), hyper_ptr, row,
+                 index_base, MASTER, STOCHASTIC, BLOCK, _QBLOCK)
+    else:
+        # 128-bit accesses need a mask that is constant over runs of 16 elements: the body, n
+        # rounded down to a multiple of 16, has one; the ragged tail (< 16 elements, e.g. a
+        # functional call on a 4099-element tensor) is stepped by the segment's last program,
+        # element by element. Without the split such a length makes every access scalar.
+        body = tl.multiple_of(n_elements // 16 * 16, 16)
+        offs = block * BLOCK + tl.arange(0, BLOCK)
+        _step_elements(offs, offs < body, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, hyper_ptr,
+                       row, index_base, AMSGRAD, MASTER, STOCHASTIC)
+        if block == (length + BLOCK - 1) // BLOCK - 1:
+            tail = body + tl.arange(0, 16)
+            _step_elements(tail, tail < n_elements, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr,
+                           hyper_ptr, row, index_base, AMSGRAD, MASTER, STOCHASTIC)
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -185,8 +283,8 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return f"Triton does not run on {device.type} tensors"
 
 
-def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, hyper, segments, *,
-               stochastic, found_inf):
+def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, exp_avg_absmaxes,
+               exp_avg_sq_absmaxes, hyper, segments, *, stochastic, found_inf):
     """The registry's interface (fused_adam/backends/__init__.py): one launch per set of operand
     dtypes (the kernel's pointer types), over a segment table; under torch.compile one per buffer
     (the table then holds offsets into that buffer only: no data_ptr, which dynamo cannot trace)."""
@@ -194,8 +292,9 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, h
         return
     if stochastic and (params[0].dtype != torch.bfloat16 or masters):
         raise ValueError("stochastic rounding applies to bfloat16 params without a master copy")
-    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters)
-    for lst in lists:
+    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, exp_avg_absmaxes,
+             exp_avg_sq_absmaxes)
+    for lst in lists[:6]:
         if not all(t.is_contiguous() and t.numel() == p.numel() for t, p in zip(lst, params)):
             raise ValueError("the triton backend steps contiguous buffers of equal size")
     device = params[0].device
@@ -223,18 +322,21 @@ def _launch(lists, segments, hyper, stochastic, found_inf, compiling):
     first = segments[0][0]
     bases = [lst[first] if lst else None for lst in lists]
     rows, programs, aligned = [], 0, not compiling
+    q8 = bases[6] is not None
     for buffer, start, length, row, index_base in segments:
         offsets = []
-        for lst, base in zip(lists, bases):
+        for k, (lst, base) in enumerate(zip(lists, bases)):
             if base is None:
                 offsets.append(0)
                 continue
             t = lst[buffer]
-            offset = start if buffer == first else (
-                start + (t.data_ptr() - base.data_ptr()) // t.element_size())
+            at = start // quantize.QBLOCK if k >= 6 else start  # (scales: one per block)
+            offset = at if buffer == first else (
+                at + (t.data_ptr() - base.data_ptr()) // t.element_size())
             offsets.append(offset)
-            if aligned:
+            if aligned and k < 6:
                 aligned = (base.data_ptr() + offset * t.element_size()) % 16 == 0
+        aligned &= not q8 or length % 16 == 0
         rows.append((*offsets, length, row, index_base, programs))
         programs += triton.cdiv(length, BLOCK)
     table = _table(rows, hyper.device, compiling)
@@ -243,7 +345,7 @@ def _launch(lists, segments, hyper, stochastic, found_inf, compiling):
         *(p if base is None else base for base in bases), table, len(rows), hyper,
         p if found_inf is None else found_inf, AMSGRAD=bases[4] is not None,
         MASTER=bases[5] is not None, STOCHASTIC=stochastic, SKIP=found_inf is not None,
-        ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+        ALIGNED=aligned, Q8=q8, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
 _TABLES: dict[tuple, torch.Tensor] = {}
