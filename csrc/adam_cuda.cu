@@ -29,6 +29,7 @@ struct alignas(sizeof(T) * N) Pack {
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(uint8_t x) { return x; }  // 8-bit codes, exact
 __device__ __forceinline__ void from_float(float x, float& out) { out = x; }
 __device__ __forceinline__ void from_float(float x, __half& out) { out = __float2half_rn(x); }
 __device__ __forceinline__ void from_float(float x, __nv_bfloat16& out) {
@@ -36,6 +37,9 @@ __device__ __forceinline__ void from_float(float x, __nv_bfloat16& out) {
 }
 __device__ __forceinline__ void from_float(float x, unsigned short& out) {
   out = static_cast<unsigned short>(x);  // a bf16 bit pattern carried exactly in fp32
+}
+__device__ __forceinline__ void from_float(float x, uint8_t& out) {
+  out = static_cast<uint8_t>(x);  // an 8-bit code carried exactly in fp32
 }
 
 // x rounded to `t` (as a store rounds it) and back: exact in fp32.
@@ -79,37 +83,6 @@ __device__ __forceinline__ void store_as(void* data, int64_t base, int64_t n, bo
   }
 }
 
-// 8-bit codes, N a thread: one 32- or 64-bit access where the segment is aligned.
-template <int N>
-__device__ __forceinline__ void load_codes(const void* data, int64_t base, int64_t n, bool vec,
-                                           uint8_t (&out)[N]) {
-  const uint8_t* ptr = static_cast<const uint8_t*>(data);
-  if (vec && base + N <= n) {
-    const Pack<uint8_t, N> pack = *reinterpret_cast<const Pack<uint8_t, N>*>(ptr + base);
-#pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = pack.v[i];
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = base + i < n ? ptr[base + i] : 0;
-  }
-}
-
-template <int N>
-__device__ __forceinline__ void store_codes(void* data, int64_t base, int64_t n, bool vec,
-                                            const uint8_t (&in)[N]) {
-  uint8_t* ptr = static_cast<uint8_t*>(data);
-  if (vec && base + N <= n) {
-    Pack<uint8_t, N> pack;
-#pragma unroll
-    for (int i = 0; i < N; ++i) pack.v[i] = in[i];
-    *reinterpret_cast<Pack<uint8_t, N>*>(ptr + base) = pack;
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i)
-      if (base + i < n) ptr[base + i] = in[i];
-  }
-}
-
 struct Operand {
   void* data;
   DType dtype;
@@ -122,6 +95,7 @@ __device__ __forceinline__ void load(Operand o, int64_t base, int64_t n, bool ve
     case DType::kFloat32: return load_as<float, N>(o.data, base, n, vec, out);
     case DType::kFloat16: return load_as<__half, N>(o.data, base, n, vec, out);
     case DType::kBFloat16: return load_as<__nv_bfloat16, N>(o.data, base, n, vec, out);
+    case DType::kUInt8: return load_as<uint8_t, N>(o.data, base, n, vec, out);
   }
 }
 
@@ -132,6 +106,7 @@ __device__ __forceinline__ void store(Operand o, int64_t base, int64_t n, bool v
     case DType::kFloat32: return store_as<float, N>(o.data, base, n, vec, in);
     case DType::kFloat16: return store_as<__half, N>(o.data, base, n, vec, in);
     case DType::kBFloat16: return store_as<__nv_bfloat16, N>(o.data, base, n, vec, in);
+    case DType::kUInt8: return store_as<uint8_t, N>(o.data, base, n, vec, in);
   }
 }
 
@@ -234,19 +209,19 @@ __device__ __forceinline__ void step_q8(const Segment& sg, int64_t base, const A
   const bool in_range = base < n;
   float* m_absmax = static_cast<float*>(sg.data[6]) + base / kQBlock;
   float* v_absmax = static_cast<float*>(sg.data[7]) + base / kQBlock;
-  float pf[N], gf[N], mf[N], vf[N], unused = 0.0f;
-  uint8_t mq[N], vq[N];
+  const Operand m_codes{sg.data[2], DType::kUInt8}, v_codes{sg.data[3], DType::kUInt8};
+  float pf[N], gf[N], mf[N], vf[N], mq[N], vq[N], unused = 0.0f;  // (codes carried in fp32)
   uint32_t m_top = 0, v_top = 0;
   if (in_range) {
     load_param(sg, base, pf);
     load(Operand{sg.data[1], sg.dtype[1]}, base, n, sg.vec, gf);
-    load_codes(sg.data[2], base, n, sg.vec, mq);
-    load_codes(sg.data[3], base, n, sg.vec, vq);
+    load(m_codes, base, n, sg.vec, mq);
+    load(v_codes, base, n, sg.vec, vq);
     const float m_scale = *m_absmax, v_scale = *v_absmax;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      mf[i] = q8_decode<QState::kExpAvg>(mq[i], m_scale);
-      vf[i] = q8_decode<QState::kExpAvgSq>(vq[i], v_scale);
+      mf[i] = q8_decode<QState::kExpAvg>(static_cast<uint8_t>(mq[i]), m_scale);
+      vf[i] = q8_decode<QState::kExpAvgSq>(static_cast<uint8_t>(vq[i]), v_scale);
       adam_update<wd, false>(pf[i], gf[i], mf[i], vf[i], unused, h);
       if (base + i < n) {  // (past the end: no element, no part in the max)
         m_top = max(m_top, abs_bits(mf[i]));
@@ -265,8 +240,8 @@ __device__ __forceinline__ void step_q8(const Segment& sg, int64_t base, const A
     mq[i] = q8_encode<QState::kExpAvg>(mf[i], m_inverse);
     vq[i] = q8_encode<QState::kExpAvgSq>(vf[i], v_inverse);
   }
-  store_codes(sg.data[2], base, n, sg.vec, mq);
-  store_codes(sg.data[3], base, n, sg.vec, vq);
+  store(m_codes, base, n, sg.vec, mq);
+  store(v_codes, base, n, sg.vec, vq);
   if (base % kQBlock == 0) {
     *m_absmax = m_new;
     *v_absmax = v_new;
