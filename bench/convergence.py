@@ -4,7 +4,8 @@ initial weights and the same batches; print the final losses and save the loss c
 
 The fp32 curves must coincide with torch's: the kernels differ from torch.optim only by torch's
 CPU sqrt, which is not correctly rounded (1 ulp in some elements), so the losses agree to the
-printed tolerance; the bf16 variants show what the precision options buy over plain bf16.
+printed tolerance; the bf16 variants show what the precision options buy over plain bf16; the
+8-bit-state runs must end within 1% of fp32 AdamW's final loss.
 
     python bench/convergence.py [--steps N] [--out DIR]
 """
@@ -141,13 +142,19 @@ def main(argv=None):
     args = parser.parse_args(argv)
     results = run(args.steps)
     ref = results["torch AdamW fp32"][0]
-    print(f"{'variant':38} {'train (last 20)':>15} {'val':>7} {'max |dloss| vs torch fp32':>26} {'s':>6}")
+    print(f"{'variant':44} {'train (last 20)':>15} {'val':>7} {'max |dloss| vs torch fp32':>26} {'s':>6}")
     for name, (losses, val, seconds) in results.items():
         diff = max(abs(a - b) for a, b in zip(losses, ref))
-        print(f"{name:38} {statistics.mean(losses[-20:]):15.4f} {val:7.4f} {diff:26.2e} {seconds:6.1f}")
+        print(f"{name:44} {statistics.mean(losses[-20:]):15.4f} {val:7.4f} {diff:26.2e} {seconds:6.1f}")
     diff = max(abs(a - b) for a, b in zip(results["fused_adam fp32"][0], ref))
     exact = results["fused_adam fp32, torch backend"][0] == ref
-    ok = diff <= FP32_LOSS_TOLERANCE and exact
+    # 8-bit states: the final loss (mean of the last 20 steps) within 1% of fp32 AdamW's
+    final = statistics.mean(ref[-20:])
+    gaps = {name: statistics.mean(losses[-20:]) / final - 1
+            for name, (losses, _, _) in results.items() if "8-bit" in name}
+    for name, gap in gaps.items():
+        print(f"{name}: final loss {gap:+.2%} against torch AdamW fp32 (limit 1%)")
+    ok = diff <= FP32_LOSS_TOLERANCE and exact and all(abs(g) <= 0.01 for g in gaps.values())
     print(f"fp32 curves {'coincide' if ok else 'DIFFER'}: kernel max |dloss| {diff:.2e} (tolerance "
           f"{FP32_LOSS_TOLERANCE:g}), torch backend {'bit-identical' if exact else 'NOT identical'};"
           f" uniform guess: {math.log(data()[0]):.3f}")
