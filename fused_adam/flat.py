@@ -299,14 +299,16 @@ class Layout:
         return self.exp_avg_dtype == quantize.INT8
 
     def for_param(self, p: torch.Tensor) -> "Layout":
-        """The layout of p's buffer: with 8-bit states, fp32 states instead for a param under
-        quantize.MIN_NUMEL elements, a complex one, a DTensor shard (its states are DTensors
-        like it; scales per block of a shard have no such layout) or one whose grads have
-        another dtype."""
+        """The layout of p's buffer: with 8-bit states, fp32 states instead (float64 ones for a
+        float64 param) for a param under quantize.MIN_NUMEL elements, a complex or float64 one,
+        a DTensor shard (its states are DTensors like it; scales per block of a shard have no
+        such layout) or one whose grads have another dtype."""
+        _, dtype, grad_dtype = buffer_key(p)
         if not self.quantized or (p.numel() >= quantize.MIN_NUMEL and not p.is_complex()
-                                  and not _is_dtensor(p) and buffer_key(p)[1] == buffer_key(p)[2]):
+                                  and dtype in LOW_PRECISION + (torch.float32,)
+                                  and not _is_dtensor(p) and dtype == grad_dtype):
             return self
-        return _fp32_states(self)
+        return _unquantized(self, torch.float64 if dtype == torch.float64 else torch.float32)
 
     def state_dtype(self, key: str, param_dtype: torch.dtype) -> torch.dtype:
         chosen = self.exp_avg_dtype if key == "exp_avg" else self.exp_avg_sq_dtype
@@ -319,9 +321,8 @@ class Layout:
 
 
 @functools.cache
-def _fp32_states(layout: Layout) -> Layout:
-    return dataclasses.replace(layout, exp_avg_dtype=torch.float32,
-                               exp_avg_sq_dtype=torch.float32)
+def _unquantized(layout: Layout, dtype: torch.dtype) -> Layout:
+    return dataclasses.replace(layout, exp_avg_dtype=dtype, exp_avg_sq_dtype=dtype)
 
 
 class FlatBuffer:

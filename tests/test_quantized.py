@@ -255,3 +255,21 @@ def test_a_skipped_step_leaves_8bit_states_as_they_were():
     opt.step()
     assert torch.equal(p, value)
     assert all(torch.equal(before[k], v) for k, v in opt.state[p].items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex64, torch.complex128])
+def test_float64_and_complex_params_in_an_8bit_group_step_as_torch(dtype):
+    """float64 and complex params in an 8-bit group keep states of their own precision and
+    step as torch.optim.AdamW does."""
+    gen = torch.Generator().manual_seed(4)
+    start = torch.randn(5000, generator=gen, dtype=dtype)
+    ours, ref = start.clone().requires_grad_(), start.clone().requires_grad_()
+    opt = FusedAdamW([ours], lr=1e-2, state_dtype="int8")
+    torch_opt = torch.optim.AdamW([ref], lr=1e-2, foreach=False)
+    for _ in range(3):
+        grad = torch.randn(5000, generator=gen, dtype=dtype)
+        ours.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step()
+        torch_opt.step()
+    assert opt.state[ours]["exp_avg"].dtype == dtype and "exp_avg_absmax" not in opt.state[ours]
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
