@@ -204,20 +204,21 @@ def _view(flat: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
     return flat.as_strided(like.shape, stride, offset)
 
 
-def _convert_moments(s: dict, quantized: bool) -> None:
+def _convert_moments(s: dict, quantized: bool, like: torch.Tensor) -> None:
     """State dict `s` (a load's, or what user code put there) in the form of our buffers: float
-    moments of a torch checkpoint quantized for 8-bit states, and 8-bit ones (codes with their
+    moments of a torch checkpoint quantized for 8-bit states (blocks in the memory order of our
+    codes, which take the strides of `like`, the param), and 8-bit ones (codes with their
     scales) decoded for float states."""
     for key in quantize.KEYS:
         value, scale = s.get(key), s.get(quantize.absmax_key(key))
         if not torch.is_tensor(value):
             continue
         if quantized and value.is_floating_point():
-            s[key], s[quantize.absmax_key(key)] = quantize.quantize(value, key)
+            s[key], s[quantize.absmax_key(key)] = quantize.quantize(_local(value), key, like)
         elif quantized and scale is None:
             raise KeyError(f"the 8-bit optimizer state lacks {quantize.absmax_key(key)!r}")
         elif not quantized and scale is not None:
-            s[key] = quantize.decode(value, scale.to(value.device), key).view(value.shape)
+            s[key] = quantize.dequantize(value, scale, key)
             del s[quantize.absmax_key(key)]
 
 
@@ -256,6 +257,27 @@ class WatchedDict(dict):
     del _name
 
 
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_state_dtype(state_dtype, amsgrad: bool) -> None:
+    """Raises ValueError where a group's `state_dtype` (with its amsgrad) cannot be stored: at
+    construction, add_param_group, a load, and whenever a step meets new options."""
+    chosen = state_dtype if isinstance(state_dtype, dict) else {"exp_avg": state_dtype,
+                                                                "exp_avg_sq": state_dtype}
+    unknown = set(chosen) - {"exp_avg", "exp_avg_sq"}
+    if unknown:
+        raise ValueError(f"state_dtype keys must be 'exp_avg' and/or 'exp_avg_sq', got {sorted(unknown)}")
+    for dtype in chosen.values():
+        if dtype is not None and dtype not in STATE_DTYPES and dtype != quantize.INT8:
+            raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, 'int8' or None, got {dtype}")
+    if quantize.INT8 in chosen.values():
+        if set(chosen.values()) != {quantize.INT8} or len(chosen) != 2:
+            raise ValueError("state_dtype 'int8' applies to exp_avg and exp_avg_sq together")
+        if amsgrad:
+            raise ValueError("state_dtype 'int8' does not support amsgrad")
+
+
 _LAYOUTS: dict[tuple, "Layout"] = {}  # by the group options they come from (a few kinds)
 
 
@@ -282,7 +304,8 @@ class Layout:
             made = _LAYOUTS.get(key)  # (asked every step for every group: ~2 us to build)
         except TypeError:  # an unhashable option value: built, not kept
             made, key = None, None
-        if made is None:
+        if made is None:  # (options user code set on a group since: checked before any change)
+            check_state_dtype(dtypes, group["amsgrad"])
             if not isinstance(dtypes, dict):
                 dtypes = {"exp_avg": dtypes, "exp_avg_sq": dtypes}
             device_steps = device_steps or group.get("skip_nonfinite") or group.get("capturable")
@@ -358,8 +381,6 @@ class FlatBuffer:
         self.state_dtypes = {k: layout.state_dtype(k, self.dtype)
                              for k in STATE_KEYS[: 3 if layout.amsgrad else 2]}
         if self.quantized:  # codes, and a scale per block (absmax keys) of float32
-            if layout.amsgrad:  # (amsgrad turned on in a group after construction)
-                raise ValueError("state_dtype 'int8' does not support amsgrad")
             self.state_dtypes = {k: quantize.CODE_DTYPE for k in quantize.KEYS}
             self.state_dtypes |= {quantize.absmax_key(k): torch.float32 for k in quantize.KEYS}
         if layout.has_master(self.dtype):
@@ -495,7 +516,7 @@ class FlatBuffer:
         if s:
             self._allocate_states()
         if s:
-            _convert_moments(s, self.quantized)
+            _convert_moments(s, self.quantized, _local(p))
         for key in self.state:
             view, ptrs = self.views[key][i], self.ptrs[key]
             if ptrs is not None and view.data_ptr() != ptrs[i]:  # `view.data = t`: t's values

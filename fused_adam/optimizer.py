@@ -15,7 +15,8 @@ import torch
 from torch.optim import Optimizer
 
 from . import backends, quantize
-from .flat import Layout, Packing, Watch, buffer_key, clip_coefficient, nonfinite
+from .flat import (Layout, Packing, Watch, buffer_key, check_state_dtype, clip_coefficient,
+                   nonfinite)
 from .functional import Launch
 
 
@@ -335,7 +336,6 @@ class FusedAdamW(FusedAdam):
             group["decoupled_weight_decay"] = True
 
 
-STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Our options beyond torch.optim.Adam's, with their defaults: the one place they are listed for
 # groups that lack them (an unpickled torch optimizer, a torch checkpoint).
 def _signature_defaults(fn) -> dict:
@@ -376,7 +376,7 @@ def _check_group(group: dict) -> None:
     max_norm = group["max_grad_norm"]
     if max_norm is not None and not (isinstance(max_norm, (int, float)) and max_norm > 0):
         raise ValueError(f"Invalid max_grad_norm value: {max_norm}")
-    _check_state_dtype(group["state_dtype"], group["amsgrad"])
+    check_state_dtype(group["state_dtype"], group["amsgrad"])
     if group["stochastic_rounding"] and group["master_weights"]:
         raise ValueError("stochastic_rounding applies to bfloat16 params without master weights")
     backends.check_name(group["backend"])
@@ -406,6 +406,9 @@ def _checked(groups: list[dict], state_dict: dict) -> dict:
     if len(saved_groups) != len(groups) or any(
             len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
         return state_dict
+    for group, saved in zip(groups, saved_groups):  # the options the load leaves each group
+        options = {**group, **saved}
+        check_state_dtype(options.get("state_dtype"), options.get("amsgrad"))
     saved_ids = [i for g in saved_groups for i in g["params"]]
     params = [p for g in groups for p in g["params"]]
     for n, (saved_id, p) in enumerate(zip(saved_ids, params)):
@@ -416,6 +419,14 @@ def _checked(groups: list[dict], state_dict: dict) -> dict:
         if missing:
             raise ValueError(f"loaded state_dict has a state for parameter {n} without "
                              f"{', '.join(map(repr, missing))}")
+        for key in quantize.KEYS:  # 8-bit codes: their scales, one per block
+            if torch.is_tensor(state[key]) and state[key].dtype == quantize.CODE_DTYPE:
+                scale = state.get(quantize.absmax_key(key))
+                blocks = quantize.blocks(p.numel())
+                if not (torch.is_tensor(scale) and scale.is_floating_point()
+                        and scale.numel() == blocks):
+                    raise ValueError(f"loaded state_dict's 8-bit {key!r} of parameter {n} needs "
+                                     f"{quantize.absmax_key(key)!r}: {blocks} float scales")
         for key in STATE_SHAPED:  # (8-bit states: the codes are; their scales per block)
             value = state.get(key)
             if value is not None and (not torch.is_tensor(value) or value.shape != p.shape):
@@ -423,22 +434,6 @@ def _checked(groups: list[dict], state_dict: dict) -> dict:
                 raise ValueError(f"loaded state_dict's {key!r} of parameter {n} has shape {shape}, "
                                  f"but the parameter has shape {tuple(p.shape)}")
     return state_dict
-
-
-def _check_state_dtype(state_dtype, amsgrad: bool) -> None:
-    chosen = state_dtype if isinstance(state_dtype, dict) else {"exp_avg": state_dtype,
-                                                                "exp_avg_sq": state_dtype}
-    unknown = set(chosen) - {"exp_avg", "exp_avg_sq"}
-    if unknown:
-        raise ValueError(f"state_dtype keys must be 'exp_avg' and/or 'exp_avg_sq', got {sorted(unknown)}")
-    for dtype in chosen.values():
-        if dtype is not None and dtype not in STATE_DTYPES and dtype != quantize.INT8:
-            raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, 'int8' or None, got {dtype}")
-    if quantize.INT8 in chosen.values():
-        if set(chosen.values()) != {quantize.INT8} or len(chosen) != 2:
-            raise ValueError("state_dtype 'int8' applies to exp_avg and exp_avg_sq together")
-        if amsgrad:
-            raise ValueError("state_dtype 'int8' does not support amsgrad")
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay, foreach, fused) -> None:

@@ -16,6 +16,9 @@ Encoding rounds |x| * (1 / absmax) to nearest even on those bits (integer ops on
 the same on every backend); decoding is `value(k) * absmax`, exact. A step decodes,
 updates in fp32, takes the new absmax of each block and encodes; the param update uses the fp32
 moments before encoding. bench/NOTES.md 20 compares this with bitsandbytes' dynamic map.
+A non-finite moment makes its block's scale non-finite, so the whole block of 256 elements
+(not the one element, as in torch) is NaN from then on: with inf/NaN grads possible, use
+skip_nonfinite or a GradScaler, which skip such a step before it reaches the states.
 Params under MIN_NUMEL elements keep fp32 states (as bitsandbytes does below 4096): a block's
 scale would cost as much as the codes save, and biases and norms are few.
 """
@@ -91,23 +94,58 @@ def block_absmax(x: torch.Tensor) -> torch.Tensor:
     return bits.amax(dim=1).view(torch.float32)
 
 
-def quantize(x: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes in x's shape, absmax) of a float tensor."""
-    absmax = block_absmax(x)
-    return encode(x, absmax, key).view(x.shape), absmax
+def _memory(t: torch.Tensor) -> torch.Tensor:
+    """t's elements flat in memory order (t dense, as codes and states are: a channels_last or
+    transposed param's codes follow its strides, and the kernels block them in memory order)."""
+    dims = sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size != 1)
+    dense, expected = True, 1
+    for stride, size in dims:
+        dense &= stride == expected
+        expected *= size
+    if t.is_contiguous() or not dense:  # (not dense: no memory order to follow, logical order)
+        return t.reshape(-1)
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def store(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, key: str) -> None:
+    """Encode float tensor x (codes' shape) into `codes` and `absmax`, blocks in the codes' memory
+    order, with the blocks' new absmax."""
+    values = _memory(torch.empty_like(codes, dtype=torch.float32).copy_(x))
+    absmax.copy_(block_absmax(values))
+    _memory(codes).copy_(encode(values, absmax, key))
+
+
+def quantize(x: torch.Tensor, key: str, like: torch.Tensor | None = None):
+    """(codes, absmax) of float tensor x: codes in x's shape with the strides of `like` (by
+    default x's), blocks in their memory order."""
+    codes = torch.empty_like(x if like is None else like, dtype=CODE_DTYPE)  # (dense)
+    absmax = torch.empty(blocks(x.numel()), device=x.device)
+    store(x, codes, absmax, key)
+    return codes, absmax
+
+
+def dequantize(codes: torch.Tensor, absmax: torch.Tensor, key: str) -> torch.Tensor:
+    """fp32 values of `codes` (in their shape and strides, blocks in memory order)."""
+    out = torch.empty_like(codes, dtype=torch.float32)
+    _memory(out).copy_(decode(_memory(codes), absmax.to(codes.device), key))
+    return out
 
 
 def dequantize_state_dict(state_dict: dict) -> dict:
     """An optimizer state_dict with 8-bit states as torch.optim.AdamW's: exp_avg and exp_avg_sq
-    fp32 in their params' shapes, the `*_absmax` keys gone; loads into torch.optim.Adam/AdamW
-    (or a fused_adam optimizer without int8 states). The input is not modified."""
+    fp32 in their params' shapes, the `*_absmax` keys and groups' state_dtype "int8" gone; loads
+    into torch.optim.Adam/AdamW or a fused_adam optimizer, which keeps its own state_dtype. The
+    input is not modified."""
     state = {}
     for pid, s in state_dict["state"].items():
         s = dict(s)
         for key in KEYS:
             scale = s.pop(absmax_key(key), None)
             if scale is not None:
-                codes = s[key]
-                s[key] = decode(codes, scale.to(codes.device), key).view(codes.shape)
+                s[key] = dequantize(s[key], scale, key)
         state[pid] = s
-    return {**state_dict, "state": state}
+    # (without the option: a fused_adam optimizer that loads it keeps its own, as it keeps its
+    # own options a torch.optim checkpoint lacks; with "int8" a saved option would win)
+    groups = [{k: v for k, v in g.items() if k != "state_dtype"} if g.get("state_dtype") == INT8
+              else g for g in state_dict["param_groups"]]
+    return {**state_dict, "state": state, "param_groups": groups}

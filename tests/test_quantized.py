@@ -168,6 +168,15 @@ def _train(opt, params, grads):
         opt.step()
 
 
+def _trained(seed, steps, **options):
+    """(params, grads, an 8-bit optimizer after `steps` of the grads)."""
+    model, grads = _model_and_grads(seed)
+    params = list(model.parameters())
+    opt = FusedAdamW(params, state_dtype="int8", **options)
+    _train(opt, params, grads[:steps])
+    return params, grads, opt
+
+
 def test_small_params_keep_fp32_states_and_the_state_dict_is_compact():
     model, grads = _model_and_grads()
     params = list(model.parameters())
@@ -220,10 +229,7 @@ def test_checkpoints_move_both_ways_between_8bit_and_torch():
 
 
 def test_switching_state_dtype_converts_the_states():
-    model, grads = _model_and_grads(2)
-    params = list(model.parameters())
-    opt = FusedAdamW(params, state_dtype="int8")
-    _train(opt, params, grads[:2])
+    params, grads, opt = _trained(2, 2)
     weight = params[0]
     values = quantize.decode(opt.state[weight]["exp_avg"], opt.state[weight]["exp_avg_absmax"],
                              "exp_avg").view(weight.shape)
@@ -273,3 +279,82 @@ def test_float64_and_complex_params_in_an_8bit_group_step_as_torch(dtype):
         torch_opt.step()
     assert opt.state[ours]["exp_avg"].dtype == dtype and "exp_avg_absmax" not in opt.state[ours]
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_strided_params_codes_follow_their_memory_order_everywhere(layout):
+    """A channels_last or transposed param's codes take its strides and the kernels block them
+    in memory order: decoding (dequantize_state_dict), quantizing a torch checkpoint on load and
+    switching state_dtype must use that order too."""
+    gen = torch.Generator().manual_seed(5)
+    if layout == "channels_last":
+        weight = torch.randn(8, 32, 4, 4, generator=gen).to(memory_format=torch.channels_last)
+    else:
+        weight = torch.randn(64, 128, generator=gen).t()
+    # grads whose scale differs per row: blocks in the wrong order mix scales
+    rows = torch.logspace(-3, 0, weight.shape[0])[:, None]
+    grads = [torch.randn(weight.shape, generator=gen) * rows.view(-1, *[1] * (weight.dim() - 1))
+             for _ in range(3)]
+    ours, ref = torch.nn.Parameter(weight.clone()), torch.nn.Parameter(weight.clone())
+    opt = FusedAdamW([ours], lr=1e-2, state_dtype="int8")
+    torch_opt = torch.optim.AdamW([ref], lr=1e-2)
+    for g in grads:
+        ours.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        torch_opt.step()
+    exact = torch_opt.state[ref]["exp_avg"]
+    scale = exact.abs().amax(dim=tuple(range(1, exact.dim())), keepdim=True)
+    plain = quantize.dequantize_state_dict(opt.state_dict())["state"][0]["exp_avg"]
+    assert ((plain - exact).abs() / scale).max() < 0.15
+    q8 = FusedAdamW([ref], lr=1e-2, state_dtype="int8")  # a torch checkpoint, quantized on load
+    q8.load_state_dict(torch_opt.state_dict())
+    back = quantize.dequantize(q8.state[ref]["exp_avg"], q8.state[ref]["exp_avg_absmax"], "exp_avg")
+    assert ((back - exact).abs() / scale).max() < 0.1
+    q8.param_groups[0]["state_dtype"] = None  # and back to float states
+    ref.grad = torch.zeros_like(ref)
+    q8.step()
+    assert ((q8.state[ref]["exp_avg"] / 0.9 - exact).abs() / scale).max() < 0.1
+
+
+def test_a_bad_8bit_load_raises_with_nothing_changed():
+    params, grads, opt = _trained(3, 2)
+    before = copy.deepcopy(opt.state_dict())
+    bad = copy.deepcopy(before)
+    bad["state"][0]["exp_avg_absmax"] = bad["state"][0]["exp_avg_absmax"][:3]
+    with pytest.raises(ValueError, match="exp_avg_absmax"):
+        opt.load_state_dict(bad)
+    del bad["state"][0]["exp_avg_absmax"]
+    with pytest.raises(ValueError, match="exp_avg_absmax"):
+        opt.load_state_dict(bad)
+    amsgrad = torch.optim.AdamW(params, amsgrad=True)
+    with pytest.raises(ValueError, match="amsgrad"):
+        opt.load_state_dict(amsgrad.state_dict())
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for pid, s in before["state"].items():
+        assert all(torch.equal(v, after["state"][pid][k]) for k, v in s.items())
+    _train(opt, params, grads[2:3])
+
+
+@pytest.mark.parametrize("bad", [torch.int8, "int4", {"exp_avg": "int8"}])
+def test_state_dtype_set_on_a_group_is_checked_before_the_step_changes_anything(bad):
+    params, grads, opt = _trained(4, 1)
+    values = [p.detach().clone() for p in params]
+    opt.param_groups[0]["state_dtype"] = bad
+    with pytest.raises(ValueError, match="state_dtype"):
+        _train(opt, params, grads[1:2])
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
+    opt.param_groups[0]["state_dtype"] = "int8"
+    _train(opt, params, grads[1:2])
+    assert opt.state[params[0]]["step"] == 2
+
+
+def test_dequantized_checkpoint_keeps_the_loading_optimizers_state_dtype():
+    params, grads, opt = _trained(5, 1)
+    plain = quantize.dequantize_state_dict(opt.state_dict())
+    assert all("state_dtype" not in g for g in plain["param_groups"])
+    fp32 = FusedAdamW(params)
+    fp32.load_state_dict(plain)
+    _train(fp32, params, grads[1:2])
+    assert fp32.param_groups[0]["state_dtype"] is None
+    assert fp32.state[params[0]]["exp_avg"].dtype == torch.float32

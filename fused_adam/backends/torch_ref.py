@@ -98,12 +98,11 @@ def _step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, exp_avg_absm
                 scalars)
     else:  # fp32 moments decoded, stepped as fp32 states, encoded with the blocks' new absmax
         moments = {"exp_avg": (exp_avg, exp_avg_absmax), "exp_avg_sq": (exp_avg_sq, exp_avg_sq_absmax)}
-        work = {key: quantize.decode(codes, absmax, key) for key, (codes, absmax) in moments.items()}
+        work = {key: quantize.dequantize(codes, absmax, key) for key, (codes, absmax) in moments.items()}
         _update(param, grad, work["exp_avg"], work["exp_avg_sq"], None, master, sr_key, index_base,
                 scalars)
-        for key, (codes, absmax) in moments.items():
-            absmax.copy_(quantize.block_absmax(work[key]))
-            codes.copy_(quantize.encode(work[key], absmax, key).view(codes.shape))
+        for key, (codes, absmax) in moments.items():  # (blocks in the codes' memory order)
+            quantize.store(work[key], codes, absmax, key)
     if saved is not None:  # a skipped step: every output as it was, decided on the device
         for out, old in zip(outputs, saved):
             torch.where(found_inf != 0, old, out, out=out)
