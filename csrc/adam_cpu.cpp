@@ -9,7 +9,9 @@
 // rows at 57-76% of the stream limit, 16M elements on 2 cores: five passes over L1 per block, and
 // a loop that streams one operand at a time (bench/NOTES.md 19). Any other mix (fp32 grads on
 // bf16 params through p.grad_dtype, moments of two dtypes) still goes through such blocks and the
-// fp32 loop: the same bits, slower. The loops are compiled three times (target_clones) and picked
+// fp32 loop: the same bits, slower. 8-bit states (adam_math.h) take `adam_loop_q8`, a block of
+// 256 elements at a time (decode, update, encode with the block's new absmax), threads' shares
+// cut on blocks. The loops are compiled three times (target_clones) and picked
 // at load time: x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA + F16C), baseline. Vector body and
 // scalar tail run the same per-element function with no contraction (-ffp-contract=off), so
 // results depend on neither the ISA, the thread count nor chunking.
@@ -32,7 +34,7 @@ namespace {
 
 // 64K elements per task: ~1.8 MB of traffic, large enough that thread hand-off (~5 us) is noise.
 constexpr int64_t kGrain = 1 << 16;
-constexpr int64_t kBlock = 1024;
+constexpr int64_t kBlock = 1024;  // step_staged's fp32 blocks
 
 // How the param operand is stored: in its own dtype (rounded to nearest even), bf16 rounded
 // stochastically, or as the rounded image of an fp32 master that the math updates.
