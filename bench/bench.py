@@ -166,7 +166,7 @@ def providers(device, dtype, keys):
 def precision_providers():
     """The mixed-precision options (`auto` backend), torch fused on fp32 and bf16 params, and
     the in-place stream. Bytes: each operand read, and written where the step writes it."""
-    bf16, fp32 = torch.bfloat16, torch.float32
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     ours = lambda **kw: lambda ps: fused_adam.FusedAdamW(ps, lr=1e-3, **kw)  # noqa: E731
     torch_fused = lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)  # noqa: E731
     table = [
@@ -183,8 +183,10 @@ def precision_providers():
         ("fused_adam fp32, 8-bit states", ours(state_dtype="int8"), fp32, 16),
         ("fused_adam bf16 + fp32 master, 8-bit states",
          ours(master_weights=True, state_dtype="int8"), bf16, 20),  # p r/w 4, g 2, master 8
+        ("fused_adam fp16", ours(), fp16, 14),  # as bf16: fp16 conversions (NOTES 19)
         ("torch fused", torch_fused, fp32, 28),
         ("torch fused, bf16", torch_fused, bf16, 14),
+        ("torch fused, fp16", torch_fused, fp16, 14),
         (STREAM, InPlaceStream, fp32, 8),
     ]
     return {label: Provider(label, make, dtype, nbytes) for label, make, dtype, nbytes in table}

@@ -71,7 +71,7 @@ def device_section(results, rel: str):
         out += ["", *_image("speedup over torch fused", f"{rel}-models.png")]
     prec = [r for r in rows if r["section"] == "precision"]
     if prec:
-        bf16 = next((r for r in prec if r["provider"] == "torch fused, bf16"), None)
+        torch_of = {r["dtype"]: r for r in prec if r["provider"].startswith("torch fused")}
         ceiling = compute_ceilings(results)
         out += [f"Mixed precision, one tensor of {prec[0]['params'] / 1e6:.1f}M elements. *Stream "
                 "limit*: the row's bytes at the rate of an in-place pass over fp32 timed in the "
@@ -81,10 +81,11 @@ def device_section(results, rel: str):
                     "row near 100% of either is at that limit" if ceiling else "") + ":", "",
                 "| provider | param dtype | B/param | ms | GB/s | % of stream limit | "
                 + ("% of compute ceiling | " if ceiling else "")
-                + "vs torch fused (fp32) | vs torch fused, bf16 |",
+                + "vs torch fused (fp32) | vs torch fused, same param dtype |",
                 "|---|---|---:|---:|---:|---:|" + ("---:|" if ceiling else "") + "---:|---:|"]
         for r in prec:
-            same = bf16["median_ms"] / r["median_ms"] if bf16 and r["dtype"] == "bfloat16" else None
+            ref = torch_of.get(r["dtype"]) if r["dtype"] != "float32" else None
+            same = ref["median_ms"] / r["median_ms"] if ref else None
             bound = ceiling.get(r["provider"])
             out.append(f"| {r['provider']} | {r['dtype']} | {r['bytes_per_param']} | "
                        f"{r['median_ms']:.2f} | {r['gbps']:.1f} | {_pct(r['pct_copy'])} | "
