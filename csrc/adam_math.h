@@ -156,6 +156,16 @@ FA_HD uint32_t float_bits(float x) {
 #endif
 }
 
+FA_HD float float_from_bits(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float x;
+  __builtin_memcpy(&x, &bits, sizeof(x));
+  return x;
+#endif
+}
+
 // bf16 bits of x rounded up in magnitude with probability (dropped bits) / 2**16: unbiased.
 // Inf and NaN keep their class (the add could carry a NaN's payload into the sign).
 FA_HD uint16_t bf16_stochastic(float x, uint32_t random) {
@@ -172,22 +182,11 @@ FA_HD uint16_t bf16_stochastic(float x, uint32_t random) {
 // sign, 16 binades; exp_avg_sq: 32 binades; the top code 1.0.
 constexpr int kQBlock = 256;
 enum class QState : int { kExpAvg, kExpAvgSq };
-template <QState q>
-constexpr int32_t kQMantissa = q == QState::kExpAvg ? 3 : 3;
+constexpr int32_t kQMantissa = 3;
 template <QState q>
 constexpr int32_t kQBias = q == QState::kExpAvg ? 889 : 761;  // (127 << mantissa) - top
 template <QState q>
 constexpr int32_t kQTop = q == QState::kExpAvg ? 127 : 255;
-
-FA_HD float float_from_bits(uint32_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float x;
-  __builtin_memcpy(&x, &bits, sizeof(x));
-  return x;
-#endif
-}
 
 // |x| as bits: a block's absmax is the max of these as integers, which orders non-negative
 // floats as the floats and puts a NaN above everything (a NaN element makes the scale NaN), in
@@ -203,7 +202,7 @@ template <QState q>
 FA_HD uint8_t q8_encode(float x, float inverse) {
   const float ratio = float_from_bits(abs_bits(x)) * inverse;  // may pass 1.0 by an ulp: clamped
   const uint32_t bits = abs_bits(ratio);  // (a NaN's sign is the platform's: dropped)
-  constexpr int32_t drop = 23 - kQMantissa<q>;  // to nearest even on the kept bits
+  constexpr int32_t drop = 23 - kQMantissa;  // to nearest even on the kept bits
   int32_t k = static_cast<int32_t>((bits + ((1u << (drop - 1)) - 1u) + ((bits >> drop) & 1u)) >>
                                    drop) - kQBias<q>;
   k = k > kQTop<q> ? kQTop<q> : k;
@@ -217,7 +216,7 @@ template <QState q>
 FA_HD float q8_decode(uint8_t code, float absmax) {
   const int32_t k = q == QState::kExpAvg ? (code & 0x7f) : code;
   const float value =
-      float_from_bits(k == 0 ? 0u : static_cast<uint32_t>(k + kQBias<q>) << (23 - kQMantissa<q>)) *
+      float_from_bits(k == 0 ? 0u : static_cast<uint32_t>(k + kQBias<q>) << (23 - kQMantissa)) *
       absmax;
   return q == QState::kExpAvg && (code & 0x80) ? -value : value;
 }

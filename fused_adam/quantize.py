@@ -31,9 +31,9 @@ MIN_NUMEL = 4096
 CODE_DTYPE = torch.uint8
 INT8 = "int8"  # the state_dtype that asks for it
 KEYS = ("exp_avg", "exp_avg_sq")  # the states stored so (amsgrad is not supported with them)
-MANTISSA = {"exp_avg": 3, "exp_avg_sq": 3}
+MANTISSA = 3  # bits of a code's mantissa
 TOP = {"exp_avg": 127, "exp_avg_sq": 255}  # the code of 1.0
-BIAS = {key: (127 << MANTISSA[key]) - TOP[key] for key in KEYS}  # 889, 761
+BIAS = {key: (127 << MANTISSA) - TOP[key] for key in KEYS}  # 889, 761
 
 
 def absmax_key(key: str) -> str:
@@ -63,7 +63,7 @@ def encode(x: torch.Tensor, absmax: torch.Tensor, key: str) -> torch.Tensor:
     inverse = torch.where(absmax > 0, 1 / absmax, 0.0)
     ratio = x.abs() * inverse[:, None]
     bits = ratio.view(torch.int32).to(torch.int64) & 0x7FFFFFFF
-    drop = 23 - MANTISSA[key]
+    drop = 23 - MANTISSA
     rounded = (bits + (1 << (drop - 1)) - 1 + ((bits >> drop) & 1)) >> drop  # to nearest even
     k = rounded - BIAS[key]
     if key == "exp_avg":
@@ -78,7 +78,7 @@ def decode(codes: torch.Tensor, absmax: torch.Tensor, key: str) -> torch.Tensor:
     n = codes.numel()
     c = _blocked(codes.to(torch.int64))
     k = c & 0x7F if key == "exp_avg" else c
-    magnitude = torch.where(k == 0, 0, (k + BIAS[key]) << (23 - MANTISSA[key])).to(
+    magnitude = torch.where(k == 0, 0, (k + BIAS[key]) << (23 - MANTISSA)).to(
         torch.int32).view(torch.float32)
     value = magnitude * absmax[:, None]
     if key == "exp_avg":

@@ -132,32 +132,29 @@ def _step_elements(offs, mask, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, hype
 # block's absmax; the top code is 1.0.
 _M_BIAS = tl.constexpr(quantize.BIAS["exp_avg"])
 _V_BIAS = tl.constexpr(quantize.BIAS["exp_avg_sq"])
-_M_DROP = tl.constexpr(23 - quantize.MANTISSA["exp_avg"])  # fp32 mantissa bits not kept
-_V_DROP = tl.constexpr(23 - quantize.MANTISSA["exp_avg_sq"])
-_M_HALF = tl.constexpr(1 << (22 - quantize.MANTISSA["exp_avg"]))  # half of the kept last bit
-_V_HALF = tl.constexpr(1 << (22 - quantize.MANTISSA["exp_avg_sq"]))
+_DROP = tl.constexpr(23 - quantize.MANTISSA)  # fp32 mantissa bits not kept
+_HALF = tl.constexpr(1 << (22 - quantize.MANTISSA))  # half of the last kept bit
 _M_TOP = tl.constexpr(quantize.TOP["exp_avg"])
 _V_TOP = tl.constexpr(quantize.TOP["exp_avg_sq"])
 _QBLOCK = tl.constexpr(quantize.QBLOCK)
 
 
 @triton.jit
-def _q8_decode(code, absmax, BIAS: tl.constexpr, DROP: tl.constexpr, SIGNED: tl.constexpr):
+def _q8_decode(code, absmax, BIAS: tl.constexpr, SIGNED: tl.constexpr):
     """fp32 values of 8-bit state codes with their blocks' scales: csrc/adam_math.h q8_decode."""
     c = code.to(tl.int32)
     k = c & 0x7F if SIGNED else c
-    value = tl.where(k == 0, 0, (k + BIAS) << DROP).to(tl.float32, bitcast=True) * absmax
+    value = tl.where(k == 0, 0, (k + BIAS) << _DROP).to(tl.float32, bitcast=True) * absmax
     if SIGNED:
         value = tl.where(c >= 0x80, -value, value)
     return value
 
 
 @triton.jit
-def _q8_encode(x, inverse, BIAS: tl.constexpr, DROP: tl.constexpr, HALF: tl.constexpr,
-               TOP: tl.constexpr, SIGNED: tl.constexpr):
+def _q8_encode(x, inverse, BIAS: tl.constexpr, TOP: tl.constexpr, SIGNED: tl.constexpr):
     """Codes of fp32 x with 1 / their blocks' new scales: csrc/adam_math.h q8_encode."""
     bits = (tl.abs(x) * inverse).to(tl.uint32, bitcast=True) & 0x7FFFFFFF
-    k = ((bits + (HALF - 1) + ((bits >> DROP) & 1)) >> DROP).to(tl.int32) - BIAS
+    k = ((bits + (_HALF - 1) + ((bits >> _DROP) & 1)) >> _DROP).to(tl.int32) - BIAS
     k = tl.minimum(k, TOP)
     if SIGNED:
         code = tl.maximum(k, 0) | tl.where(x < 0, 0x80, 0)
@@ -187,8 +184,8 @@ def _step_q8(block, n, p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, ma_ptr, va_ptr, hyper_
                                          (BLOCK // QBLOCK, QBLOCK)), (BLOCK,))
     v_scale = tl.reshape(tl.broadcast_to(tl.load(va_ptr + blocks, mask=in_use)[:, None],
                                          (BLOCK // QBLOCK, QBLOCK)), (BLOCK,))
-    m = _q8_decode(tl.load(m_ptr + offs, mask=mask), m_scale, _M_BIAS, _M_DROP, True)
-    v = _q8_decode(tl.load(v_ptr + offs, mask=mask), v_scale, _V_BIAS, _V_DROP, False)
+    m = _q8_decode(tl.load(m_ptr + offs, mask=mask), m_scale, _M_BIAS, True)
+    v = _q8_decode(tl.load(v_ptr + offs, mask=mask), v_scale, _V_BIAS, False)
     p, m, v, _ = _step_values(offs, mask, p_ptr, g_ptr, m, v, v, w_ptr, hyper_ptr, row,
                               index_base, False, MASTER, STOCHASTIC)
     m = tl.where(mask, m, 0.0)
@@ -199,9 +196,9 @@ def _step_q8(block, n, p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, ma_ptr, va_ptr, hyper_
     v_inverse = tl.where(v_top > 0, tl.div_rn(tl.full(v_top.shape, 1.0, tl.float32), v_top), 0.0)
     m_inverse = tl.reshape(tl.broadcast_to(m_inverse[:, None], (BLOCK // QBLOCK, QBLOCK)), (BLOCK,))
     v_inverse = tl.reshape(tl.broadcast_to(v_inverse[:, None], (BLOCK // QBLOCK, QBLOCK)), (BLOCK,))
-    tl.store(m_ptr + offs, _q8_encode(m, m_inverse, _M_BIAS, _M_DROP, _M_HALF, _M_TOP, True),
+    tl.store(m_ptr + offs, _q8_encode(m, m_inverse, _M_BIAS, _M_TOP, True),
              mask=mask)
-    tl.store(v_ptr + offs, _q8_encode(v, v_inverse, _V_BIAS, _V_DROP, _V_HALF, _V_TOP, False),
+    tl.store(v_ptr + offs, _q8_encode(v, v_inverse, _V_BIAS, _V_TOP, False),
              mask=mask)
     tl.store(ma_ptr + blocks, m_top, mask=in_use)
     tl.store(va_ptr + blocks, v_top, mask=in_use)
