@@ -1,4 +1,5 @@
-"""The one module that loads the compiled extension (`torch.ops.fused_adam.adam_step_`).
+"""The one module that loads the compiled extension: `torch.ops.fused_adam.adam_step_`, and as
+a Python module `addresses` (csrc/census.cpp), the per-step checks of many tensors.
 
 It is `fused_adam/_C*.so` when `pip install` built it, else a JIT build of the same sources with
 ninja (`torch.utils.cpp_extension.load`, cached under TORCH_EXTENSIONS_DIR) on first use; that is
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-CPU_SOURCES = ["ops.cpp", "adam_cpu.cpp"]
+CPU_SOURCES = ["ops.cpp", "adam_cpu.cpp", "census.cpp"]
 CUDA_SOURCES = ["ops_cuda.cpp", "adam_cuda.cu"]
 # -ffp-contract=off / --fmad=false: no FMA the math contract does not name (csrc/adam_math.h).
 # -fno-math-errno and -fno-trapping-math let sqrtf and the branches on the flags vectorize;
@@ -41,19 +42,24 @@ def load(verbose: bool = False):
 def _load(verbose: bool) -> str | None:
     if os.environ.get("FUSED_ADAM_NO_EXT") == "1":
         return "disabled by FUSED_ADAM_NO_EXT=1"
+    import importlib
     import importlib.util
 
     import torch
 
-    spec = importlib.util.find_spec("fused_adam._C")
-    try:
-        if spec is not None and spec.origin:
-            torch.ops.load_library(spec.origin)
+    try:  # (importing it registers its ops)
+        if importlib.util.find_spec("fused_adam._C") is not None:
+            _state["module"] = importlib.import_module("fused_adam._C")
         else:
-            _jit_build(torch, verbose)
+            _state["module"] = _jit_build(torch, verbose)
     except Exception as exc:  # noqa: BLE001 - any build or load failure disables the backend
         return failure_reason(exc)
     return None
+
+
+def module():
+    """The extension's Python module once it is loaded, else None (loads nothing)."""
+    return _state.get("module")
 
 
 def failure_reason(exc: Exception) -> str:
@@ -89,20 +95,20 @@ def cuda_home() -> str | None:
     return None
 
 
-def _jit_build(torch, verbose: bool, cuda: bool | None = None) -> None:
-    """Build with ninja and load; the CUDA part when a GPU is visible (or `cuda`) and a toolkit
-    is found."""
+def _jit_build(torch, verbose: bool, cuda: bool | None = None):
+    """Build with ninja and load (returns the module); the CUDA part when a GPU is visible (or
+    `cuda`) and a toolkit is found."""
     from torch.utils import cpp_extension
 
     wanted = torch.cuda.is_available() if cuda is None else cuda
     with_cuda = wanted and use_cuda_home(cpp_extension)
     sources = CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])
-    cpp_extension.load(
+    return cpp_extension.load(
         name="fused_adam_C" + ("_cuda" if with_cuda else ""),
         sources=[str(CSRC / s) for s in sources],
         extra_cflags=CXX_FLAGS,
         extra_cuda_cflags=NVCC_FLAGS, extra_ldflags=LD_FLAGS, with_cuda=with_cuda,
-        is_python_module=False, verbose=verbose)
+        is_python_module=True, verbose=verbose)
 
 
 def use_cuda_home(cpp_extension) -> bool:
@@ -128,7 +134,7 @@ if __name__ == "__main__":
           f"CUDA_HOME: {cuda_home()}", flush=True)
     if "--jit-cuda" in sys.argv[1:]:
         try:
-            _jit_build(torch, verbose=True, cuda=True)
+            _state["module"] = _jit_build(torch, verbose=True, cuda=True)
             _state["reason"] = None if has_kernel("cuda") else "built without its CUDA kernel"
         except Exception as exc:  # noqa: BLE001 - reported below
             _state["reason"] = failure_reason(exc)

@@ -40,14 +40,16 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
+import itertools
 import operator
 import sys
 import weakref
+from array import array
 from dataclasses import dataclass
 
 import torch
 
-from . import quantize
+from . import _ext, quantize
 
 # Each segment starts at a multiple of 16 elements: views stay >= 32-byte aligned, so a kernel
 # working per segment keeps its 128-bit vector loads, and every buffer's length is a multiple of
@@ -77,6 +79,29 @@ CHUNK_NUMEL = 1 << 24
 # on CPU: 0.49x torch fused), and the buffer held 4 B/param more than torch. Below that a copy
 # costs less than a segment of its own (~2 us of host time) and the buffer stays.
 GRAD_IN_PLACE_NUMEL = 1 << 16
+
+
+# What `addresses` reads of each tensor (csrc/census.cpp).
+OBJECTS, DATA, GRADS = 0, 1, 2
+
+
+def addresses(tensors, kind: int = DATA) -> bytes | None:
+    """Per tensor, as native uint64 values: its id (OBJECTS), its data address (DATA), its grad's
+    `_cdata` and data address, 0 and 0 for None (GRADS): what each step compares with the last
+    step's to find tensors user code re-pointed. The extension's loop when it is loaded (after a
+    step has streamed its operands through the cache, it overlaps the misses a Python loop takes
+    one by one: 0.05 vs 0.17-0.33 ms per 1000 tensors, bench/NOTES.md 21), else Python's; GRADS
+    only from the extension (None without it: the caller looks at the grads one by one)."""
+    module = _ext.module()
+    found = None if module is None else module.addresses(tensors, kind)
+    if found is not None or kind == GRADS:
+        return found
+    return array("Q", map(id if kind == OBJECTS else torch.Tensor.data_ptr, tensors)).tobytes()
+
+
+def _values(found: bytes) -> memoryview:
+    """`addresses`' values as ints (indexable, iterable)."""
+    return memoryview(found).cast("Q")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -435,7 +460,13 @@ class FlatBuffer:
         self.views = {name: [self.param.view(params[0].shape)] if solo and name == "param" else
                       [self._make_view(flat, i) for i in range(len(params))]
                       for name, flat in flats if flat is not None}
-        self.ptrs = {name: [v.data_ptr() for v in views] for name, views in self.views.items()}
+        self.ptrs = {name: addresses(views) for name, views in self.views.items()}
+        # Every grad our view where it was, as `addresses(params, GRADS)` reads it then (None
+        # where params are DTensors: their grads are not our views).
+        self.grad_key = None if "grad" not in self.views or any(map(_is_dtensor, params)) else (
+            array("Q", itertools.chain.from_iterable(zip(
+                map(operator.attrgetter("_cdata"), self.views["grad"]),
+                _values(self.ptrs["grad"])))).tobytes())
         # Whose grad a step reads where it is (when it is contiguous and of the grad dtype): an
         # in-place param's, and every param's without a grad buffer (else a contiguous copy).
         self.reads_grad = set(range(len(params))) if self.grad is None else self.in_place
@@ -470,9 +501,9 @@ class FlatBuffer:
         user code re-pointed since is stale (its address is not its segment's)."""
         flat = self.state[key]
         per = quantize.QBLOCK if key in quantize.ABSMAX_KEYS else 1
-        self.ptrs[key] = [flat.data_ptr() + start // per * flat.element_size()
-                          for start in self.bounds[:-1]]
-        for i, (view, ptr) in enumerate(zip(self.views[key], self.ptrs[key])):
+        self.ptrs[key] = array("Q", [flat.data_ptr() + start // per * flat.element_size()
+                                     for start in self.bounds[:-1]]).tobytes()
+        for i, (view, ptr) in enumerate(zip(self.views[key], _values(self.ptrs[key]))):
             if view.data_ptr() == ptr:  # (an alias of a fresh view, which holds the buffer: one
                 # of `view` itself pointed `view` at itself, and the buffer could be freed)
                 view.data = self._make_view(flat, i, key)
@@ -490,7 +521,7 @@ class FlatBuffer:
             self.state[key] = flat
             self.views[key] = [self._make_view(flat, i, key) for i in range(len(self.params))]
             self.ptrs[key] = (None if torch.compiler.is_compiling() else
-                              [v.data_ptr() for v in self.views[key]])
+                              addresses(self.views[key]))
 
     def adopt_state(self, state) -> None:
         """Make `state[p]` (whatever tensors it holds now) views of this buffer, values kept; the
@@ -519,7 +550,7 @@ class FlatBuffer:
             _convert_moments(s, self.quantized, _local(p))
         for key in self.state:
             view, ptrs = self.views[key][i], self.ptrs[key]
-            if ptrs is not None and view.data_ptr() != ptrs[i]:  # `view.data = t`: t's values
+            if ptrs is not None and view.data_ptr() != _values(ptrs)[i]:  # `view.data = t`: t's values
                 fresh = self._make_view(self.state[key], i, key)
                 fresh.copy_(view)
                 view.data = fresh
@@ -581,9 +612,10 @@ class FlatBuffer:
         for key in self.state:
             if self.ptrs[key] is None:
                 self._alias_compiled_views(key)
-            now = list(map(torch.Tensor.data_ptr, self.views[key]))
+            now = addresses(self.views[key])
             if now != self.ptrs[key]:
-                stale.update(i for i, (a, b) in enumerate(zip(now, self.ptrs[key])) if a != b)
+                stale.update(i for i, (a, b) in enumerate(zip(_values(now), _values(self.ptrs[key])))
+                             if a != b)
         if not (self.watch.dirty or self.unwatched):
             return sorted(stale)
         # (the optimizer sets the watch too when a dict was replaced or deleted in its state)
@@ -619,6 +651,9 @@ class FlatBuffer:
             _check_grad(self.params[0], g)
             return None, [(0, g)]
         compiling = torch.compiler.is_compiling()
+        if not compiling and self.grad_key is not None and addresses(
+                self.params, GRADS) == self.grad_key:
+            return None, []  # every grad is our view, where it was: the fast path
         grads = [p.grad for p in self.params] if compiling else list(map(_GRAD, self.params))
         if self.grad is None:  # no grad buffer: every grad is read where it is
             active = [i for i, g in enumerate(grads) if g is not None]
@@ -631,11 +666,10 @@ class FlatBuffer:
         if compiling:
             if all(g is v for g, v in zip(grads, views)):
                 return None, []
-        elif all(map(operator.is_, grads, views)) and list(
-                map(torch.Tensor.data_ptr, grads)) == self.ptrs["grad"]:
-            return None, []  # every grad is our view: the fast path
+        elif all(map(operator.is_, grads, views)) and addresses(grads) == self.ptrs["grad"]:
+            return None, []  # (the fast path without the extension)
         moved = () if compiling else {
-            i for i, (g, v, ptr) in enumerate(zip(grads, views, self.ptrs["grad"]))
+            i for i, (g, v, ptr) in enumerate(zip(grads, views, _values(self.ptrs["grad"])))
             if g is v and g.data_ptr() != ptr}
         active, foreign = [], []
         for i, g in enumerate(grads):
@@ -859,7 +893,8 @@ class FlatBuffer:
         """`zero_grad(set_to_none=False)`: one fill for every grad that is our view; others as
         torch does them."""
         views = self.views.get("grad") or [None] * len(self.params)
-        for p, view, ptr in zip(self.params, views, self.ptrs.get("grad") or views):
+        ptrs = _values(self.ptrs["grad"]) if "grad" in self.ptrs else views
+        for p, view, ptr in zip(self.params, views, ptrs):
             g = None if p.grad is None else _local(p.grad)
             # (our grad object re-pointed by `p.grad.data = t` is t: zeroed, as torch's)
             if g is not None and (g is not view or g.data_ptr() != ptr):
@@ -889,25 +924,30 @@ class GroupRecord:
         # bucket) step where they are, side by side.
         self.ordered_ids = {id(p) for p in self.packed} & overlapping
         self.layout = layout
-        self.ids = [id(p) for p in params]
-        self.local = (functools.partial(map, _local) if any(map(_is_dtensor, self.packed))
-                      else iter)
-        self.ptrs: list[int] = []  # where the packed params are, once packed (`settle`)
+        self.params = list(params)
+        self.ids = addresses(params, OBJECTS)
+        self.dtensors = any(map(_is_dtensor, self.packed))
+        self.ptrs = b""  # where the packed params are, once packed (`settle`)
+
+    def _storages(self) -> list[torch.Tensor]:
+        return list(map(_local, self.packed)) if self.dtensors else self.packed
 
     def settle(self) -> None:
-        self.ptrs = list(map(torch.Tensor.data_ptr, self.local(self.packed)))
+        self.ptrs = addresses(self._storages())
 
     def is_current(self, params: list[torch.Tensor], layout: Layout) -> bool:
         """False when the group's params or options changed, a frozen param got a grad, or a
         param's storage was replaced (`model.half()`, `model.to(...)`, `p.data = ...`): the
         buffers would then update a stale copy."""
-        # torch.compile cannot trace data_ptr comparisons: a compiled step trusts the storage
+        # torch.compile traces `is`, not addresses: a compiled step trusts the storage
         # (replacing it under a compiled step is not supported; the eager step re-packs).
-        return ((layout is self.layout or layout == self.layout)  # (Layouts are shared: `is`)
-                and list(map(id, params)) == self.ids
-                and not any(p.requires_grad or p.grad is not None for p in self.frozen)
-                and (torch.compiler.is_compiling()
-                     or list(map(torch.Tensor.data_ptr, self.local(self.packed))) == self.ptrs))
+        if not ((layout is self.layout or layout == self.layout)  # (Layouts are shared: `is`)
+                and not any(p.requires_grad or p.grad is not None for p in self.frozen)):
+            return False
+        if torch.compiler.is_compiling():
+            return len(params) == len(self.params) and all(
+                p is q for p, q in zip(params, self.params))
+        return addresses(params, OBJECTS) == self.ids and addresses(self._storages()) == self.ptrs
 
 
 class Packing:

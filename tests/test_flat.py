@@ -1,11 +1,13 @@
 """Flat buffers: views, grads in every zero_grad style, storage replaced under the optimizer."""
+import array
+
 import pytest
 import torch
 
 from conftest import CASES, assert_close, skip_if_interpreted_bf16, assert_optimizers_match, clone_params, make_params, set_grads
 import fused_adam
-from fused_adam import FusedAdamW
-from fused_adam.flat import ALIGN
+from fused_adam import FusedAdamW, _ext
+from fused_adam.flat import ALIGN, DATA, GRADS, OBJECTS, addresses
 
 
 def _model(device, seed=0):
@@ -325,3 +327,60 @@ def test_the_step_keeps_no_grad_alive_after_zero_grad(kind, monkeypatch):
     gc.collect()
     held = [ref() for ref in grads]
     assert all(g is None for g in held[:3]), [g is None for g in held]
+
+
+def _uint64(*values):
+    return array.array("Q", values).tobytes()
+
+
+@pytest.mark.skipif(_ext.load() is not None, reason="the extension is not built")
+def test_the_extensions_addresses_are_pythons():
+    """csrc/census.cpp reads what Python reads: ids, data addresses (views at an offset
+    included), grads' `_cdata` and data addresses; None where Python must read them itself."""
+    base = torch.randn(10)
+    p, q = torch.nn.Parameter(torch.randn(3)), base[2:5]
+    p.grad = base[4:7]
+    tensors = [p, q, base, p.grad]
+    module = _ext.module()
+    assert module.addresses(tensors, OBJECTS) == _uint64(*map(id, tensors))
+    assert module.addresses(tensors, DATA) == _uint64(*(t.data_ptr() for t in tensors))
+    assert module.addresses([p, q], GRADS) == _uint64(p.grad._cdata, p.grad.data_ptr(), 0, 0)
+    assert module.addresses((), DATA) == b""
+    assert module.addresses([p, 1], DATA) is None  # not a tensor
+    assert module.addresses([p, torch.randn(3).to_sparse()], DATA) is None  # no data address
+    p.grad = torch.randn(3).to_sparse()
+    assert module.addresses([p], GRADS) is None
+    with pytest.raises(TypeError):
+        module.addresses(5, DATA)
+
+
+@pytest.mark.parametrize("census", ["extension", "python"])
+def test_re_pointed_tensors_are_found_with_and_without_the_extension(census, monkeypatch):
+    """Each step finds what user code re-pointed since the last one (a param's storage, our grad
+    object's, a grad replaced, a state's storage) by comparing addresses, read by the
+    extension or by Python (both: the extension loads at the first step)."""
+    if census == "python":
+        monkeypatch.setitem(_ext._state, "module", None)
+    elif _ext.load() is not None:
+        pytest.skip("the extension is not built")
+    shapes = [(5,), (3, 4), (17,), (2,)]
+    params = make_params(shapes, "cpu")
+    ref_params = clone_params(params)
+    opt = FusedAdamW(params, lr=1e-2)
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, foreach=False)
+    assert (addresses(params, GRADS) is None) == (census == "python")
+    edits = [
+        lambda ps, o: None,
+        lambda ps, o: setattr(ps[1], "data", ps[1].detach().clone() * 0.5),
+        lambda ps, o: setattr(ps[0].grad, "data", ps[0].grad.clone() * 3),
+        lambda ps, o: setattr(ps[2], "grad", ps[2].grad.clone() * -2),
+        lambda ps, o: setattr(o.state[ps[3]]["exp_avg"], "data", o.state[ps[3]]["exp_avg"] + 1),
+        lambda ps, o: o.state[ps[2]].__setitem__("exp_avg_sq", o.state[ps[2]]["exp_avg_sq"] * 4),
+    ]
+    set_grads(params, ref_params, 0)
+    for edit in edits:
+        for ps, o in ((params, opt), (ref_params, ref)):
+            with torch.no_grad():
+                edit(ps, o)
+            o.step()
+        assert_optimizers_match(opt, ref, "torch")
