@@ -109,7 +109,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if _is_dtensor(t) else t
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # (asked per tensor and step: these first, ~0.1 us)
+
+
 def _is_dtensor(t) -> bool:
+    if type(t) in _PLAIN:
+        return False
     module = sys.modules.get("torch.distributed.tensor")  # no DTensor exists before its import
     return module is not None and isinstance(t, module.DTensor)
 
