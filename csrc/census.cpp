@@ -5,7 +5,9 @@
 // those reads reach is a miss (~5 lines a param); a Python loop takes them one at a time, 0.17-0.33
 // ms per 1000 tensors on the 2-core VM, where this loop keeps several in flight: 0.05 ms
 // (bench/NOTES.md 21).
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/object_ptr.h>
 
 #include <cstdint>
 
@@ -14,15 +16,22 @@ namespace {
 // What `addresses` reads of each item (fused_adam/flat.py names them).
 enum Kind : long { kObjects = 0, kData = 1, kGrads = 2 };
 
-// The item's tensor data address, or false where it has none to read (a wrapper subclass, a
-// sparse tensor): the caller then asks Python.
+// Whether `obj` is a tensor: by its type, not by `__class__` (which any object may claim).
+bool is_tensor(PyObject* obj) {
+  return PyObject_TypeCheck(obj, reinterpret_cast<PyTypeObject*>(THPVariableClass));
+}
+
+// The tensor's data address, or false where this loop does not read one: a tensor with no
+// strided storage (sparse, a wrapper subclass), or one whose sizes or storage access go through
+// Python (a subclass with __torch_dispatch__): the caller then asks Python, as before.
 bool data_address(const at::Tensor& t, uint64_t& out) {
   if (!t.defined()) {
     out = 0;
     return true;
   }
   const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-  if (!impl->has_storage() || impl->layout() != c10::kStrided) {
+  if (impl->key_set().has(c10::DispatchKey::Python) || !impl->has_storage() ||
+      impl->layout() != c10::kStrided) {
     return false;
   }
   try {
@@ -39,6 +48,7 @@ bool data_address(const at::Tensor& t, uint64_t& out) {
 //   kGrads: its .grad's TensorImpl address (Tensor._cdata) and data address, (0, 0) for None.
 // None when some item is not a tensor or has no data address of its own.
 PyObject* addresses(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
   PyObject* items = nullptr;
   long kind = 0;
   if (!PyArg_ParseTuple(args, "Ol", &items, &kind)) {
@@ -48,24 +58,23 @@ PyObject* addresses(PyObject*, PyObject* args) {
     PyErr_SetString(PyExc_ValueError, "addresses: unknown kind");
     return nullptr;
   }
-  PyObject* seq = PySequence_Fast(items, "addresses: a list or tuple of tensors");
-  if (seq == nullptr) {
+  THPObjectPtr seq(PySequence_Fast(items, "addresses: a list or tuple of tensors"));
+  if (!seq) {
     return nullptr;
   }
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.get());
   const Py_ssize_t width = kind == kGrads ? 2 : 1;
-  PyObject* out = PyBytes_FromStringAndSize(nullptr, n * width * sizeof(uint64_t));
-  if (out == nullptr) {
-    Py_DECREF(seq);
+  THPObjectPtr out(PyBytes_FromStringAndSize(nullptr, n * width * sizeof(uint64_t)));
+  if (!out) {
     return nullptr;
   }
-  auto* o = reinterpret_cast<uint64_t*>(PyBytes_AS_STRING(out));
-  PyObject** item = PySequence_Fast_ITEMS(seq);
-  bool known = true;
-  for (Py_ssize_t i = 0; i < n && known; ++i) {
+  auto* o = reinterpret_cast<uint64_t*>(PyBytes_AS_STRING(out.get()));
+  PyObject** item = PySequence_Fast_ITEMS(seq.get());  // (no Python code runs in the loop)
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    bool known = true;
     if (kind == kObjects) {
       o[i] = reinterpret_cast<uintptr_t>(item[i]);
-    } else if (!THPVariable_Check(item[i])) {
+    } else if (!is_tensor(item[i])) {
       known = false;
     } else if (kind == kData) {
       known = data_address(THPVariable_Unpack(item[i]), o[i]);
@@ -74,13 +83,12 @@ PyObject* addresses(PyObject*, PyObject* args) {
       o[2 * i] = reinterpret_cast<uintptr_t>(grad.defined() ? grad.unsafeGetTensorImpl() : nullptr);
       known = data_address(grad, o[2 * i + 1]);
     }
+    if (!known) {
+      Py_RETURN_NONE;
+    }
   }
-  Py_DECREF(seq);
-  if (!known) {
-    Py_DECREF(out);
-    Py_RETURN_NONE;
-  }
-  return out;
+  return out.release();
+  END_HANDLE_TH_ERRORS
 }
 
 PyMethodDef methods[] = {

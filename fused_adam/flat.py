@@ -934,7 +934,7 @@ class GroupRecord:
         self.ordered_ids = {id(p) for p in self.packed} & overlapping
         self.layout = layout
         self.params = list(params)
-        self.ids = addresses(params, OBJECTS)
+        self.ids: bytes | None = None  # (at the first eager check: dynamo traces no addresses)
         self.dtensors = any(map(_is_dtensor, self.packed))
         self.ptrs = b""  # where the packed params are, once packed (`settle`)
 
@@ -956,6 +956,8 @@ class GroupRecord:
         if torch.compiler.is_compiling():
             return len(params) == len(self.params) and all(
                 p is q for p, q in zip(params, self.params))
+        if self.ids is None:
+            self.ids = addresses(self.params, OBJECTS)
         return addresses(params, OBJECTS) == self.ids and addresses(self._storages()) == self.ptrs
 
 

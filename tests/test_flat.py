@@ -352,6 +352,27 @@ def test_the_extensions_addresses_are_pythons():
     assert module.addresses([p], GRADS) is None
     with pytest.raises(TypeError):
         module.addresses(5, DATA)
+    # Whatever Python would run to read them is left to Python (it raised a C++ exception
+    # through the C function: std::terminate), and an object claiming to be a tensor is not one.
+    assert module.addresses([_Refusing(torch.randn(3))], DATA) is None
+    assert module.addresses([_ClaimsToBeATensor()], DATA) is None
+
+
+class _Refusing(torch.Tensor):
+    """A wrapper subclass whose sizes go through a __torch_dispatch__ that refuses every op."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype,
+                                                   dispatch_sizes_strides_policy="sizes")
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(func)
+
+
+class _ClaimsToBeATensor:
+    __class__ = property(lambda self: torch.Tensor)
 
 
 @pytest.mark.parametrize("census", ["extension", "python"])
