@@ -3,8 +3,8 @@
 // state was re-pointed (`p.data = t`, `p.grad = g`, `state[p]["exp_avg"].data = t`): one address
 // per tensor. After the previous step streamed its operands through the cache, each C++ object
 // those reads reach is a miss (~5 lines a param); a Python loop takes them one at a time, 0.17-0.33
-// ms per 1000 tensors on the 2-core VM, where this loop keeps several in flight: 0.05 ms
-// (bench/NOTES.md 21).
+// ms per list of 1000 tensors on the 2-core VM, where this loop keeps several in flight: 0.05-0.10
+// ms (bench/NOTES.md 21).
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/object_ptr.h>

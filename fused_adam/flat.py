@@ -90,8 +90,8 @@ def addresses(tensors, kind: int = DATA) -> bytes | None:
     `_cdata` and data address, 0 and 0 for None (GRADS): what each step compares with the last
     step's to find tensors user code re-pointed. The extension's loop when it is loaded (after a
     step has streamed its operands through the cache, it overlaps the misses a Python loop takes
-    one by one: 0.05 vs 0.17-0.33 ms per 1000 tensors, bench/NOTES.md 21), else Python's; GRADS
-    only from the extension (None without it: the caller looks at the grads one by one)."""
+    one by one: 0.05-0.10 vs 0.17-0.33 ms per 1000 tensors, bench/NOTES.md 21), else Python's;
+    GRADS only from the extension (None without it: the caller looks at the grads one by one)."""
     module = _ext.module()
     found = None if module is None else module.addresses(tensors, kind)
     if found is not None or kind == GRADS:
@@ -560,7 +560,8 @@ class FlatBuffer:
             _convert_moments(s, self.quantized, _local(p))
         for key in self.state:
             view, ptrs = self.views[key][i], self.ptrs[key]
-            if ptrs is not None and view.data_ptr() != _values(ptrs)[i]:  # `view.data = t`: t's values
+            # `view.data = t`: t's values
+            if ptrs is not None and view.data_ptr() != _values(ptrs)[i]:
                 fresh = self._make_view(self.state[key], i, key)
                 fresh.copy_(view)
                 view.data = fresh
@@ -624,8 +625,8 @@ class FlatBuffer:
                 self._alias_compiled_views(key)
             now = addresses(self.views[key])
             if now != self.ptrs[key]:
-                stale.update(i for i, (a, b) in enumerate(zip(_values(now), _values(self.ptrs[key])))
-                             if a != b)
+                before = _values(self.ptrs[key])
+                stale.update(i for i, (a, b) in enumerate(zip(_values(now), before)) if a != b)
         if not (self.watch.dirty or self.unwatched):
             return sorted(stale)
         # (the optimizer sets the watch too when a dict was replaced or deleted in its state)
