@@ -739,13 +739,24 @@ class FlatBuffer:
             # of its segment, which the object then points to again.
             targets = [self._make_view(self.grad, i) if g is views[i] else views[i]
                        for i, g in foreign]
-            torch._foreach_copy_(targets, [g for _, g in foreign])
+            # A grad in this buffer's memory at another segment (`p.grad = q.grad`, two params'
+            # grads swapped) is read before any segment is written, and stays the param's grad:
+            # params sharing one keep sharing it (autograd then accumulates both into it, as
+            # torch's would), so it is copied in again at each step. (A compiled step traces no
+            # addresses: it takes each grad as its param's own.)
+            elsewhere = set()
+            if not torch.compiler.is_compiling():
+                start = self.grad.data_ptr()
+                end = start + self.grad.numel() * self.grad.element_size()
+                elsewhere = {i for (i, g), target in zip(foreign, targets)
+                             if start <= g.data_ptr() < end and g.data_ptr() != target.data_ptr()}
+            torch._foreach_copy_(targets, [g.clone() if i in elsewhere else g for i, g in foreign])
             for (i, g), target in zip(foreign, targets):
                 if i in self.external_set:
                     continue
                 if g is views[i]:
                     g.data = target
-                else:
+                elif i not in elsewhere:
                     self.params[i].grad = target
         if not self.all_initialized:
             self._allocate_states()

@@ -180,6 +180,35 @@ def test_a_grad_re_pointed_after_zero_grad_is_used(how):
     assert_optimizers_match(ours, ref, "torch")
 
 
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("edit", ["p0.grad = p3.grad", "grads swapped", "grads' .data swapped"])
+def test_grads_shared_or_swapped_between_params_are_torchs(device, backend, edit):
+    """Grads that are our views of other params' segments: read before any is written (a swap
+    copied one onto the other), and a grad two params share stays shared, so that autograd
+    accumulates both params' grads into it at the next backward, as under torch."""
+    shapes = [(3, 3), (5,), (2, 4), (3, 3)]
+    params = make_params(shapes, device)
+    ref_params = clone_params(params)
+    ours = FusedAdamW(params, lr=1e-2, backend=backend)
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, foreach=False)
+    for step in range(4):
+        for opt, ps in ((ours, params), (ref, ref_params)):
+            opt.zero_grad(set_to_none=False)
+            gen = torch.Generator().manual_seed(step)
+            sum((p * torch.randn(p.shape, generator=gen).to(device)).sum() + p.square().sum()
+                for p in ps).backward()
+            if step == 1:
+                a, b = ps[0].grad, ps[3].grad
+                if edit == "p0.grad = p3.grad":
+                    ps[0].grad = b
+                elif edit == "grads swapped":
+                    ps[0].grad, ps[3].grad = b, a
+                else:
+                    a.data, b.data = b.data, a.data
+            opt.step()
+        assert_optimizers_match(ours, ref, backend)
+
+
 @pytest.mark.parametrize("edit", ["del state[p]", "state[p].clear()", "state.clear()",
                                   "state[p][exp_avg] = t", "exp_avg.data = t",
                                   "state[p][step] = tensor", "state[p] = dict", "exp_avg.zero_()"])
