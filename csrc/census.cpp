@@ -14,7 +14,7 @@
 namespace {
 
 // What `addresses` reads of each item (fused_adam/flat.py names them).
-enum Kind : long { kObjects = 0, kData = 1, kGrads = 2 };
+enum Kind : long { kObjects = 0, kData = 1, kGrads = 2, kGradsAsTheyAre = 3 };
 
 // Whether `obj` is a tensor: by its type, not by `__class__` (which any object may claim).
 bool is_tensor(PyObject* obj) {
@@ -42,11 +42,35 @@ bool data_address(const at::Tensor& t, uint64_t& out) {
   return true;
 }
 
+// Whether a kernel reads the grad of tensor `t` as it is (flat.py `_readable`, and no error to
+// raise: `_check_grad`): 1, or 0 for no grad; false where Python must look at it.
+bool grad_as_it_is(const at::Tensor& t, uint64_t& out) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  const at::Tensor& grad = impl->grad();
+  out = grad.defined();
+  if (!grad.defined()) {
+    return true;
+  }
+  const c10::TensorImpl* g = grad.unsafeGetTensorImpl();
+  for (const c10::TensorImpl* x : {impl, g}) {
+    if (x->key_set().has(c10::DispatchKey::Python) || x->layout() != c10::kStrided) {
+      return false;
+    }
+  }
+  try {
+    return g->dtype() == impl->dtype() && g->sizes().equals(impl->sizes()) && g->is_contiguous();
+  } catch (const c10::Error&) {  // symbolic sizes (a fake tensor)
+    return false;
+  }
+}
+
 // addresses(items, kind) -> bytes | None: per item, as native uint64 values,
 //   kObjects: the object's address (Python's id);
 //   kData: the tensor's data address (Tensor.data_ptr);
-//   kGrads: its .grad's TensorImpl address (Tensor._cdata) and data address, (0, 0) for None.
-// None when some item is not a tensor or has no data address of its own.
+//   kGrads: its .grad's TensorImpl address (Tensor._cdata) and data address, (0, 0) for None;
+//   kGradsAsTheyAre: 1 where its grad is read as it is, 0 where it has none (grad_as_it_is).
+// None when some item is not a tensor, has no data address of its own, or (kGradsAsTheyAre) has a
+// grad Python must look at.
 PyObject* addresses(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject* items = nullptr;
@@ -54,7 +78,7 @@ PyObject* addresses(PyObject*, PyObject* args) {
   if (!PyArg_ParseTuple(args, "Ol", &items, &kind)) {
     return nullptr;
   }
-  if (kind < kObjects || kind > kGrads) {
+  if (kind < kObjects || kind > kGradsAsTheyAre) {
     PyErr_SetString(PyExc_ValueError, "addresses: unknown kind");
     return nullptr;
   }
@@ -78,6 +102,8 @@ PyObject* addresses(PyObject*, PyObject* args) {
       known = false;
     } else if (kind == kData) {
       known = data_address(THPVariable_Unpack(item[i]), o[i]);
+    } else if (kind == kGradsAsTheyAre) {
+      known = grad_as_it_is(THPVariable_Unpack(item[i]), o[i]);
     } else {  // (the TensorImpl's grad: Tensor.grad's getter without its non-leaf warning)
       const at::Tensor& grad = THPVariable_Unpack(item[i]).unsafeGetTensorImpl()->grad();
       o[2 * i] = reinterpret_cast<uintptr_t>(grad.defined() ? grad.unsafeGetTensorImpl() : nullptr);

@@ -82,19 +82,22 @@ GRAD_IN_PLACE_NUMEL = 1 << 16
 
 
 # What `addresses` reads of each tensor (csrc/census.cpp).
-OBJECTS, DATA, GRADS = 0, 1, 2
+OBJECTS, DATA, GRADS, GRADS_AS_THEY_ARE = 0, 1, 2, 3
 
 
 def addresses(tensors, kind: int = DATA) -> bytes | None:
     """Per tensor, as native uint64 values: its id (OBJECTS), its data address (DATA), its grad's
-    `_cdata` and data address, 0 and 0 for None (GRADS): what each step compares with the last
+    `_cdata` and data address, 0 and 0 for None (GRADS), or whether it has a grad a kernel reads
+    as it is, contiguous in the tensor's shape and dtype (GRADS_AS_THEY_ARE: 1, or 0 for None;
+    None where one is not, or Python must look at it): what each step compares with the last
     step's to find tensors user code re-pointed. The extension's loop when it is loaded (after a
     step has streamed its operands through the cache, it overlaps the misses a Python loop takes
     one by one: 0.05-0.10 vs 0.17-0.33 ms per 1000 tensors, bench/NOTES.md 21), else Python's;
-    GRADS only from the extension (None without it: the caller looks at the grads one by one)."""
+    the grads' kinds only from the extension (None without it: the caller looks at the grads one
+    by one)."""
     module = _ext.module()
     found = None if module is None else module.addresses(tensors, kind)
-    if found is not None or kind == GRADS:
+    if found is not None or kind >= GRADS:
         return found
     return array("Q", map(id if kind == OBJECTS else torch.Tensor.data_ptr, tensors)).tobytes()
 
@@ -475,6 +478,12 @@ class FlatBuffer:
         # Whose grad a step reads where it is (when it is contiguous and of the grad dtype): an
         # in-place param's, and every param's without a grad buffer (else a contiguous copy).
         self.reads_grad = set(range(len(params))) if self.grad is None else self.in_place
+        # Grads of the buffer's dtype are checked in one C loop where the extension is loaded
+        # (`addresses`: ~2 us a param less than _check_grad and _readable).
+        self.dtensors = any(map(_is_dtensor, params))
+        self.grads_in_c = (not solo and self.grad_dtype == self.dtype and not self.dtensors
+                           and not any(p.is_complex() for p in params))
+        self.grads_as_they_are = False  # this step's grads checked so (`_classify_grads`)
         if not solo:
             for alias in self.views["param"]:
                 _OWN_STORAGES.add(alias.untyped_storage())
@@ -666,13 +675,16 @@ class FlatBuffer:
                 self.params, GRADS) == self.grad_key:
             return None, []  # every grad is our view, where it was: the fast path
         grads = [p.grad for p in self.params] if compiling else list(map(_GRAD, self.params))
+        # every grad None or one a kernel reads as it is (so none raises): _check_grad skipped
+        self.grads_as_they_are = self.grads_in_c and not compiling and addresses(
+            self.params, GRADS_AS_THEY_ARE) is not None
         if self.grad is None:  # no grad buffer: every grad is read where it is
             active = [i for i, g in enumerate(grads) if g is not None]
-            for i in active:
+            for i in () if self.grads_as_they_are else active:
                 _check_grad(self.params[i], grads[i])
             return (None if len(active) == len(grads) else active), [(i, grads[i]) for i in active]
         views = self.views["grad"]
-        if self.external:
+        if self.dtensors:
             grads = [None if g is None else _local(g) for g in grads]
         if compiling:
             if all(g is v for g, v in zip(grads, views)):
@@ -686,7 +698,7 @@ class FlatBuffer:
         for i, g in enumerate(grads):
             if g is None:
                 continue
-            if g is not views[i]:
+            if g is not views[i] and not self.grads_as_they_are:
                 _check_grad(_local(self.params[i]), g)
             active.append(i)
             if g is not views[i] or i in moved:
@@ -727,7 +739,9 @@ class FlatBuffer:
             for i, g in foreign:
                 if i in self.reads_grad and (views is None or i in self.in_place or g is not views[i]):
                     p = _local(self.params[i])
-                    if views is None:  # no buffer to copy it into: a dense copy if need be
+                    if self.grads_as_they_are:
+                        operands[i] = g
+                    elif views is None:  # no buffer to copy it into: a dense copy if need be
                         operands[i] = _dense_grad(g, p, self.grad_dtype)
                     elif _readable(g, p, self.grad_dtype):
                         operands[i] = g

@@ -7,7 +7,7 @@ import torch
 from conftest import CASES, assert_close, skip_if_interpreted_bf16, assert_optimizers_match, clone_params, make_params, set_grads
 import fused_adam
 from fused_adam import FusedAdamW, _ext
-from fused_adam.flat import ALIGN, DATA, GRADS, OBJECTS, addresses
+from fused_adam.flat import ALIGN, DATA, GRADS, GRADS_AS_THEY_ARE, OBJECTS, addresses
 
 
 def _model(device, seed=0):
@@ -345,6 +345,15 @@ def test_the_extensions_addresses_are_pythons():
     assert module.addresses(tensors, OBJECTS) == _uint64(*map(id, tensors))
     assert module.addresses(tensors, DATA) == _uint64(*(t.data_ptr() for t in tensors))
     assert module.addresses([p, q], GRADS) == _uint64(p.grad._cdata, p.grad.data_ptr(), 0, 0)
+    # a grad a kernel reads as it is (1; 0: none), else None: Python looks at it
+    assert module.addresses([p, q], GRADS_AS_THEY_ARE) == _uint64(1, 0)
+    w = torch.nn.Parameter(torch.randn(3, 3))
+    for grad in (torch.randn(3, 3).t(), torch.randn(3, 3, dtype=torch.float64), torch.randn(9)):
+        w.grad = torch.zeros(3, 3)
+        w.grad.data = grad  # (`p.grad = grad` refuses another shape or dtype)
+        assert module.addresses([p, w], GRADS_AS_THEY_ARE) is None
+    w.grad = torch.randn(3, 3).to_sparse()
+    assert module.addresses([p, w], GRADS_AS_THEY_ARE) is None
     assert module.addresses((), DATA) == b""
     assert module.addresses([p, 1], DATA) is None  # not a tensor
     assert module.addresses([p, torch.randn(3).to_sparse()], DATA) is None  # no data address
