@@ -282,15 +282,23 @@ class FusedAdam(Optimizer):
                 launch.run(skip)
                 buf.end()
                 continue
-            for operands, spans in work:
-                parts = {key_of(buf.groups[0]): spans} if whole else {}
-                for span in () if whole else spans:
-                    parts.setdefault(key_of(span[-1]), []).append(span)
-                for key, part in parts.items():
-                    launch = launches.get(key)
-                    if launch is None:
-                        launch = launches[key] = Launch(resolved[key[:2]], key[2])
-                    launch.add(operands, part, options_of, multiplier_of)
+            if work and whole:  # (one key for the buffer's operands, its in-place params' too)
+                key = key_of(buf.groups[0])
+                parted = {key: work}
+            else:
+                parted = {}
+                for operands, spans in work:
+                    parts = {}
+                    for span in spans:
+                        parts.setdefault(key_of(span[-1]), []).append(span)
+                    for key, part in parts.items():
+                        parted.setdefault(key, []).append((operands, part))
+            for key, items in parted.items():
+                launch = launches.get(key)
+                if launch is None:
+                    launch = launches[key] = Launch(resolved[key[:2]], key[2])
+                for operands, spans in items:
+                    launch.add(operands, spans, options_of, multiplier_of)
             if buf.copied:
                 copied.append(buf)
         for key, launch in launches.items():
