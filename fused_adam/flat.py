@@ -728,17 +728,52 @@ class FlatBuffer:
         self.all_initialized = all(self.initialized)
         return []  # no segment steps (when called from plan: no param has a grad)
 
+    def _grads_kept(self, foreign) -> tuple[set[int], set[int]]:
+        """(kept, inside) of this step's foreign grads. Kept: grads that stay the objects user
+        code gave the params, never re-pointed to our views nor written by the copy-in, read
+        where they are (copied in for this step only where a kernel can't read them): a grad
+        another param of this buffer also holds (`p.grad = q.grad`: autograd then accumulates
+        both params' grads into it, as under torch), one in our grad buffer at another param's
+        segment (grads swapped), and the grad of a param whose segment such a grad is. Inside:
+        the grads in our grad buffer. (A compiled step traces no addresses: none.)"""
+        if self.grad is None or self.solo or not foreign or torch.compiler.is_compiling():
+            return set(), set()
+        start, size = self.grad.data_ptr(), self.grad.element_size()
+        end = start + self.grad.numel() * size
+        grads = [g for _, g in foreign]
+        at = _values(addresses(grads))
+        inside = {foreign[k][0] for k, a in enumerate(at) if start <= a < end}
+        if not inside and len(set(map(id, grads))) == len(grads):
+            return set(), inside  # (the usual case: autograd's new grads, ~0.1 us a grad)
+        holder, kept, read = {}, set(), set()
+        for (i, g), a in zip(foreign, at):
+            first = holder.setdefault(id(g), i)
+            if first != i:
+                kept.update((first, i))
+            if i in inside:
+                segment = bisect.bisect_right(self.bounds, (a - start) // size) - 1
+                if segment != i:
+                    kept.add(i)
+                    read.add(segment)
+        kept.update(i for i, _ in foreign if i in read)
+        return kept, inside
+
     def _prepare(self, state, active, foreign, stale):
         if stale:
             self._adopt_stale(state, stale)
         if self.solo:  # (a copy for this step only when autograd's grad can't be read)
             self.grad_now = _dense_grad(self.params[0].grad, self.params[0], self.grad_dtype).view(-1)
-        else:  # read where it is when the kernels can (not our grad object re-pointed: that
-            # one is copied into a fresh alias of its segment, which it then points to again)
+        kept, inside = self._grads_kept(foreign)
+        if not self.solo:  # read where it is when the kernels can (not our grad object
+            # re-pointed: that one is copied into a fresh alias of its segment, which it then
+            # points to again), as is a kept grad where it is in its param's memory order
             views, operands = self.views.get("grad"), {}
             for i, g in foreign:
-                if i in self.reads_grad and (views is None or i in self.in_place or g is not views[i]):
+                if i in kept or (i in self.reads_grad and (
+                        views is None or i in self.in_place or g is not views[i])):
                     p = _local(self.params[i])
+                    if i in kept and not p.is_contiguous():
+                        continue
                     if self.grads_as_they_are:
                         operands[i] = g
                     elif views is None:  # no buffer to copy it into: a dense copy if need be
@@ -750,27 +785,17 @@ class FlatBuffer:
         if foreign and not self.solo:
             views = self.views["grad"]
             # Our grad object re-pointed elsewhere (`p.grad.data = t`): copied into a new alias
-            # of its segment, which the object then points to again.
+            # of its segment, which the object then points to again. A grad in our buffer is
+            # read before any segment is written (`p.grad = p.grad.t()` overlaps its own).
             targets = [self._make_view(self.grad, i) if g is views[i] else views[i]
                        for i, g in foreign]
-            # A grad in this buffer's memory at another segment (`p.grad = q.grad`, two params'
-            # grads swapped) is read before any segment is written, and stays the param's grad:
-            # params sharing one keep sharing it (autograd then accumulates both into it, as
-            # torch's would), so it is copied in again at each step. (A compiled step traces no
-            # addresses: it takes each grad as its param's own.)
-            elsewhere = set()
-            if not torch.compiler.is_compiling():
-                start = self.grad.data_ptr()
-                end = start + self.grad.numel() * self.grad.element_size()
-                elsewhere = {i for (i, g), target in zip(foreign, targets)
-                             if start <= g.data_ptr() < end and g.data_ptr() != target.data_ptr()}
-            torch._foreach_copy_(targets, [g.clone() if i in elsewhere else g for i, g in foreign])
+            torch._foreach_copy_(targets, [g.clone() if i in inside else g for i, g in foreign])
             for (i, g), target in zip(foreign, targets):
-                if i in self.external_set:
+                if i in self.external_set or i in kept:
                     continue
                 if g is views[i]:
                     g.data = target
-                elif i not in elsewhere:
+                else:
                     self.params[i].grad = target
         if not self.all_initialized:
             self._allocate_states()

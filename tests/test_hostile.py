@@ -180,12 +180,15 @@ def test_a_grad_re_pointed_after_zero_grad_is_used(how):
     assert_optimizers_match(ours, ref, "torch")
 
 
+@pytest.mark.filterwarnings("ignore:grad and param do not obey")  # (p0.grad.t(): torch's)
 @pytest.mark.parametrize("device,backend", CASES)
-@pytest.mark.parametrize("edit", ["p0.grad = p3.grad", "grads swapped", "grads' .data swapped"])
+@pytest.mark.parametrize("edit", ["p0.grad = p3.grad", "grads swapped", "grads' .data swapped",
+                                  "a new grad shared", "p0.grad = p0.grad.t()"])
 def test_grads_shared_or_swapped_between_params_are_torchs(device, backend, edit):
-    """Grads that are our views of other params' segments: read before any is written (a swap
-    copied one onto the other), and a grad two params share stays shared, so that autograd
-    accumulates both params' grads into it at the next backward, as under torch."""
+    """Grads that are our views of other params' segments, or one tensor two params hold: read
+    where they are, not copied over each other (a swap copied one onto the other) nor re-pointed
+    (a grad two params share stays shared: autograd accumulates both params' grads into it at
+    the next backward, as under torch), and p.grad keeps what user code put there."""
     shapes = [(3, 3), (5,), (2, 4), (3, 3)]
     params = make_params(shapes, device)
     ref_params = clone_params(params)
@@ -203,10 +206,16 @@ def test_grads_shared_or_swapped_between_params_are_torchs(device, backend, edit
                     ps[0].grad = b
                 elif edit == "grads swapped":
                     ps[0].grad, ps[3].grad = b, a
-                else:
+                elif edit == "grads' .data swapped":
                     a.data, b.data = b.data, a.data
+                elif edit == "a new grad shared":
+                    ps[0].grad = ps[3].grad = b * 2
+                else:
+                    ps[0].grad = a.t()
             opt.step()
         assert_optimizers_match(ours, ref, backend)
+        for i, (p, q) in enumerate(zip(params, ref_params)):
+            assert_close(p.grad, q.grad, backend, f"grad {i}")
 
 
 @pytest.mark.parametrize("edit", ["del state[p]", "state[p].clear()", "state.clear()",
