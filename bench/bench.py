@@ -55,6 +55,7 @@ CEILING_SIZES = (13, 16)  # log2 elements of the precision section's cache-resid
 TORCH_PROVIDERS = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True),
                    "fused": dict(fused=True)}
 COPY = "device copy"
+REF = "torch fused"  # what the ratios are against
 STREAM = "in-place stream"
 WARMUP = 3
 MAX_COPIES = 32  # rotating optimizer copies for small sizes; more only costs set-up time
@@ -291,15 +292,26 @@ def build(provider, init, copies, fresh=False):
 
 def measure(section, case, shapes, device, table, budget, host=False, fresh=False):
     """Rows for one case: each provider's median step time, interleaved round by round. Where
-    every provider at once would not fit in memory (a 1B model on one GPU), they run in turn.
+    every provider at once would not fit in memory (GPT-2 on this 24 GiB VM, a 1B model on one
+    GPU), each runs beside torch fused in turn, its ratio against torch fused's times of those
+    rounds (torch fused's row: all its rounds); else each alone.
     `fresh`: each step after zero_grad() with grads made anew (FreshGrads)."""
     n = sum(math.prod(s) for s in shapes)
     work = max(p.bytes_per_param for p in table.values()) * n
     copies = 1 if host else max(1, min(MAX_COPIES, math.ceil(4 * last_level_cache(device) / work)))
     # p, g, m, v (fp32: 16 B/param) and the for-loop's temporaries, with room to spare
-    together = 3 * len(table) * copies * 16 * n < free_memory(device)
-    groups = [table] if together else [{k: v} for k, v in table.items()]
+    fits = lambda providers: 3 * providers * copies * 16 * n < free_memory(device)  # noqa: E731
+    together = fits(len(table))
+    paired = not together and REF in table and fits(2)
+    if together:
+        groups = [table]
+    elif paired:  # each provider beside torch fused, its ratio's reference:
+        # timed apart, the two saw different states of this VM's memory (bench/NOTES.md 21)
+        groups = [{REF: table[REF], k: v} for k, v in table.items() if k != REF]
+    else:
+        groups = [{k: v} for k, v in table.items()]
     clock, times, init = Clock(device, host), {}, make_init(shapes, device)
+    ref_times = {}  # per provider: torch fused's times in its group
     for group in groups:
         built = {label: build(p, init, copies, fresh) for label, p in group.items()}
         reps = reps_for(sum(t for _, t in built.values()), device, budget)
@@ -314,7 +326,10 @@ def measure(section, case, shapes, device, table, budget, host=False, fresh=Fals
                 if fresh:
                     opt.refresh()
                 group_times[label].append(clock(opt.step))
-        times |= group_times
+        for label, t in group_times.items():
+            times.setdefault(label, []).extend(t)
+            if paired and label != REF:
+                ref_times[label] = group_times[REF]
         del built, cycles
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -322,7 +337,7 @@ def measure(section, case, shapes, device, table, budget, host=False, fresh=Fals
                  dtype=str(table[label].dtype).removeprefix("torch."),
                  bytes_per_param=table[label].bytes_per_param,
                  median_ms=statistics.median(t) * 1e3, min_ms=min(t) * 1e3, reps=len(t),
-                 copies=copies, interleaved=together, host_time=host)
+                 copies=copies, interleaved=together or paired, host_time=host)
             for label, t in times.items()]
     for r in rows:
         r["gbps"] = r["bytes_per_param"] * n / (r["median_ms"] / 1e3) / 1e9
@@ -333,6 +348,9 @@ def measure(section, case, shapes, device, table, budget, host=False, fresh=Fals
         for ref in ("fused", "foreach"):
             other = by.get(f"torch {ref}")
             r[f"vs_{ref}"] = other["median_ms"] / r["median_ms"] if other else None
+        mine = ref_times.get(r["provider"])
+        if mine:  # paired: against the reference's times in the same rounds
+            r["vs_fused"] = statistics.median(mine) * 1e3 / r["median_ms"]
     return rows
 
 
