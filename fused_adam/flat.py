@@ -728,6 +728,11 @@ class FlatBuffer:
         self.all_initialized = all(self.initialized)
         return []  # no segment steps (when called from plan: no param has a grad)
 
+    def _reads_as_it_is(self, i: int, g: torch.Tensor) -> bool:
+        """Whether a kernel reads grad g of param i where it is, as a segment of its own."""
+        p = _local(self.params[i])
+        return p.is_contiguous() and _readable(g, p, self.grad_dtype)
+
     def _grads_kept(self, foreign) -> tuple[set[int], set[int]]:
         """(kept, inside) of this step's foreign grads. Kept: grads that stay the objects user
         code gave the params, never re-pointed to our views nor written by the copy-in, read
@@ -764,17 +769,19 @@ class FlatBuffer:
         if self.solo:  # (a copy for this step only when autograd's grad can't be read)
             self.grad_now = _dense_grad(self.params[0].grad, self.params[0], self.grad_dtype).view(-1)
         kept, inside = self._grads_kept(foreign)
+        # Kept grads are read where they are when every one of them can be (else all are copied
+        # in, sources cloned first: the step is right, but a swapped grad object may then show
+        # the values copied into its segment)
+        read = kept if all(self._reads_as_it_is(i, g) for i, g in foreign if i in kept) else ()
         if not self.solo:  # read where it is when the kernels can (not our grad object
             # re-pointed: that one is copied into a fresh alias of its segment, which it then
-            # points to again), as is a kept grad where it is in its param's memory order
+            # points to again)
             views, operands = self.views.get("grad"), {}
             for i, g in foreign:
-                if i in kept or (i in self.reads_grad and (
+                if i in read or (i in self.reads_grad and (
                         views is None or i in self.in_place or g is not views[i])):
                     p = _local(self.params[i])
-                    if i in kept and not p.is_contiguous():
-                        continue
-                    if self.grads_as_they_are:
+                    if self.grads_as_they_are or i in read:
                         operands[i] = g
                     elif views is None:  # no buffer to copy it into: a dense copy if need be
                         operands[i] = _dense_grad(g, p, self.grad_dtype)

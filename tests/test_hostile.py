@@ -183,7 +183,8 @@ def test_a_grad_re_pointed_after_zero_grad_is_used(how):
 @pytest.mark.filterwarnings("ignore:grad and param do not obey")  # (p0.grad.t(): torch's)
 @pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("edit", ["p0.grad = p3.grad", "grads swapped", "grads' .data swapped",
-                                  "a new grad shared", "p0.grad = p0.grad.t()"])
+                                  "a new grad shared", "p0.grad = p0.grad.t()",
+                                  "p0.grad = p3.grad, p3.grad = its .t()"])
 def test_grads_shared_or_swapped_between_params_are_torchs(device, backend, edit):
     """Grads that are our views of other params' segments, or one tensor two params hold: read
     where they are, not copied over each other (a swap copied one onto the other) nor re-pointed
@@ -210,10 +211,14 @@ def test_grads_shared_or_swapped_between_params_are_torchs(device, backend, edit
                     a.data, b.data = b.data, a.data
                 elif edit == "a new grad shared":
                     ps[0].grad = ps[3].grad = b * 2
-                else:
+                elif edit == "p0.grad = p0.grad.t()":
                     ps[0].grad = a.t()
+                else:  # (p3's grad can't be read where it is: every grad is copied in)
+                    ps[0].grad, ps[3].grad = b, b.t()
             opt.step()
         assert_optimizers_match(ours, ref, backend)
+        if edit == "p0.grad = p3.grad, p3.grad = its .t()":
+            continue  # (p0.grad, p3's segment, then shows p3's grad: NOTES 21)
         for i, (p, q) in enumerate(zip(params, ref_params)):
             assert_close(p.grad, q.grad, backend, f"grad {i}")
 
