@@ -746,7 +746,9 @@ class FlatBuffer:
         start, size = self.grad.data_ptr(), self.grad.element_size()
         end = start + self.grad.numel() * size
         grads = [g for _, g in foreign]
-        at = _values(addresses(grads))
+        # (a tensor subclass's grad may refuse data_ptr: such grads are not ours to overlap)
+        at = _values(addresses(grads)) if all(type(g) in _PLAIN for g in grads) else [
+            g.data_ptr() if type(g) in _PLAIN else -1 for g in grads]
         inside = {foreign[k][0] for k, a in enumerate(at) if start <= a < end}
         if not inside and len(set(map(id, grads))) == len(grads):
             return set(), inside  # (the usual case: autograd's new grads, ~0.1 us a grad)
