@@ -469,9 +469,10 @@ class FlatBuffer:
                       [self._make_view(flat, i) for i in range(len(params))]
                       for name, flat in flats if flat is not None}
         self.ptrs = {name: addresses(views) for name, views in self.views.items()}
+        self.dtensors = any(map(_is_dtensor, params))
         # Every grad our view where it was, as `addresses(params, GRADS)` reads it then (None
         # where params are DTensors: their grads are not our views).
-        self.grad_key = None if "grad" not in self.views or any(map(_is_dtensor, params)) else (
+        self.grad_key = None if "grad" not in self.views or self.dtensors else (
             array("Q", itertools.chain.from_iterable(zip(
                 map(operator.attrgetter("_cdata"), self.views["grad"]),
                 _values(self.ptrs["grad"])))).tobytes())
@@ -480,7 +481,6 @@ class FlatBuffer:
         self.reads_grad = set(range(len(params))) if self.grad is None else self.in_place
         # Grads of the buffer's dtype are checked in one C loop where the extension is loaded
         # (`addresses`: ~2 us a param less than _check_grad and _readable).
-        self.dtensors = any(map(_is_dtensor, params))
         self.grads_in_c = (not solo and self.grad_dtype == self.dtype and not self.dtensors
                            and not any(p.is_complex() for p in params))
         self.grads_as_they_are = False  # this step's grads checked so (`_classify_grads`)
