@@ -520,7 +520,7 @@ def test_a_repack_keeps_own_storage_params_in_their_storage(monkeypatch):
 def _grads(params, refs, step, scale=1.0):
     gen = torch.Generator().manual_seed(step)
     for p, r in zip(params, refs):
-        r.grad = torch.randn(r.shape, generator=gen) * scale
+        r.grad = (torch.randn(r.shape, generator=gen) * scale).to(r.device)
         p.grad = r.grad.clone()
 
 

@@ -40,8 +40,11 @@ _MODULES = {
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The extension's backends are named for the one device type each runs on.
 _DEVICE_TYPE = {"cpu": "cpu", "cuda": "cuda"}
-# Preference order for `auto`, per device type; "torch" runs everywhere.
-_AUTO = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+# Preference order for `auto`, per device type; "torch" runs everywhere. On CUDA the extension
+# first: same kernel time as Triton (GPT-2 on an H100: 1.16 ms each), but Triton's Python launcher
+# adds ~55 us of host time per launch (single tensor: 158 vs 103 us per step; GPT-2 step 1.56 vs
+# 2.00 ms, bench/NOTES.md 23).
+_AUTO = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 _loaded: dict[str, object] = {}
 _resolved: dict[tuple, object] = {}
 

@@ -295,7 +295,9 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, e
         if not all(t.is_contiguous() and t.numel() == p.numel() for t, p in zip(lst, params)):
             raise ValueError("the triton backend steps contiguous buffers of equal size")
     device = params[0].device
-    hyper = hyper.to(device)  # host rows: one copy per launch
+    # Host rows: one copy per launch, queued: a blocking copy from pageable memory waits for the
+    # stream, and so did every step (H100, 2026-11-28: one sync per step, 181 vs 112 us host time)
+    hyper = hyper.to(device, non_blocking=True)
     compiling = torch.compiler.is_compiling()
     width = len(SEGMENT_FIELDS)
     launches: dict[object, list] = {}
