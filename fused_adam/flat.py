@@ -796,7 +796,12 @@ class FlatBuffer:
             # Our grad object re-pointed elsewhere (`p.grad.data = t`): copied into a new alias
             # of its segment, which the object then points to again. A grad in our buffer is
             # read before any segment is written (`p.grad = p.grad.t()` overlaps its own).
-            targets = [self._make_view(self.grad, i) if g is views[i] else views[i]
+            # Compiled, a grad the kernel reads from the buffer goes in through a view of the
+            # buffer: functionalization (aot_eager) relates no DLPack alias to its buffer and
+            # applied such a copy after the kernel, which read the last step's grads.
+            compiling = torch.compiler.is_compiling()
+            targets = [self._make_view(self.grad, i)
+                       if g is views[i] or (compiling and i not in self.in_place) else views[i]
                        for i, g in foreign]
             torch._foreach_copy_(targets, [g.clone() if i in inside else g for i, g in foreign])
             for (i, g), target in zip(foreign, targets):
@@ -805,7 +810,7 @@ class FlatBuffer:
                 if g is views[i]:
                     g.data = target
                 else:
-                    self.params[i].grad = target
+                    self.params[i].grad = views[i]
         if not self.all_initialized:
             self._allocate_states()
             for i in range(len(self.params)) if active is None else active:
@@ -832,7 +837,7 @@ class FlatBuffer:
             return []
         if self.copied:  # copied in just before the update (a param sharing their storage
             # may have stepped since, as may a checkpoint load have written the shard)
-            torch._foreach_copy_([self.views["param"][i] for i in self.copied],
+            torch._foreach_copy_(self._copied_segments(),
                                  [_local(self.params[i]) for i in self.copied])
             self.copied_in = True
         if not counted:
@@ -881,7 +886,14 @@ class FlatBuffer:
         if self.copied_in:
             self.copied_in = False
             torch._foreach_copy_([_local(self.params[i]) for i in self.copied],
-                                 [self.views["param"][i] for i in self.copied])
+                                 self._copied_segments())
+
+    def _copied_segments(self) -> list[torch.Tensor]:
+        """Copied params' segments of our param buffer: compiled, views of the buffer the kernel
+        updates (as for grads in `_prepare`: a DLPack alias is unrelated to it in the graph)."""
+        if torch.compiler.is_compiling():
+            return [self._make_view(self.param, i) for i in self.copied]
+        return [self.views["param"][i] for i in self.copied]
 
     def _count_step(self, active, found_inf) -> None:
         # In place on the whole tensor when every param steps: `steps[:] += 1` (slice, add, copy
