@@ -3,23 +3,31 @@
 //
 // One loop per element (`adam_loop`): each operand is loaded in its own dtype, widened to fp32 in
 // registers, updated, rounded once and stored. It is a template over the operand mixes the
-// optimizer makes: the param stored as fp32, bf16 or fp16, as bf16 rounded stochastically, or as
-// the bf16/fp16 image of an fp32 master; grads of the param's dtype; both moments in one dtype
-// (18 mixes). An fp32 staging block per operand instead (the kernel up to 2026-11) left the bf16
-// rows at 57-76% of the stream limit, 16M elements on 2 cores: five passes over L1 per block, and
-// a loop that streams one operand at a time (bench/NOTES.md 19). Any other mix (fp32 grads on
-// bf16 params through p.grad_dtype, moments of two dtypes) still goes through such blocks and the
-// fp32 loop: the same bits, slower. 8-bit states (adam_math.h) take `adam_loop_q8`, a block of
-// 256 elements at a time (decode, update, encode with the block's new absmax), threads' shares
-// cut on blocks. The loops are compiled three times (target_clones) and picked
-// at load time: x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA + F16C), baseline. Vector body and
-// scalar tail run the same per-element function with no contraction (-ffp-contract=off), so
-// results depend on neither the ISA, the thread count nor chunking.
+// optimizer makes: the param stored as fp32 or bf16, as bf16 rounded stochastically, or as the
+// bf16 image of an fp32 master; grads of the param's dtype; both moments in one dtype, fp32 or
+// bf16 (8 mixes). An fp32 staging block per operand instead (the kernel up to 2026-11) left the
+// bf16 rows at 57-76% of the stream limit, 16M elements on 2 cores: five passes over L1 per
+// block, and a loop that streams one operand at a time (bench/NOTES.md 19). Any other mix (fp32
+// grads on bf16 params through p.grad_dtype, moments of two dtypes) still goes through such
+// blocks and the fp32 loop: the same bits, slower; so does any mix with fp16 operands, whose
+// conversions vectorize only as the hardware's instructions on a block (`load_fp32`). 8-bit
+// states (adam_math.h) take `adam_loop_q8`, a block of 256 elements at a time (decode, update,
+// encode with the block's new absmax), threads' shares cut on blocks. The loops are compiled
+// three times (target_clones) and picked at load time: x86-64-v4 (AVX-512), x86-64-v3 (AVX2 +
+// FMA + F16C), baseline. Vector body and scalar tail run the same per-element function with no
+// contraction (-ffp-contract=off), so results depend on neither the ISA, the thread count nor
+// chunking.
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <string>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "ops.h"
 
@@ -34,7 +42,7 @@ namespace {
 
 // 64K elements per task: ~1.8 MB of traffic, large enough that thread hand-off (~5 us) is noise.
 constexpr int64_t kGrain = 1 << 16;
-constexpr int64_t kBlock = 1024;  // step_staged's fp32 blocks
+constexpr int64_t kBlock = 256;  // step_staged's fp32 blocks: 5 of them stay in L1 (NOTES 25)
 
 // How the param operand is stored: in its own dtype (rounded to nearest even), bf16 rounded
 // stochastically, or as the rounded image of an fp32 master that the math updates.
@@ -138,6 +146,86 @@ FA_CPU_CLONES void from_fp32(const float* __restrict src, T* __restrict dst, int
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);  // round to nearest even
 }
 
+// Blocks of an operand to and from fp32 (the staged loop), as the casts above vectorize; fp16
+// with the hardware's instructions (vcvtph2ps / vcvtps2ph: AVX-512F, 16 elements at a time, or
+// F16C, 8), picked once at run time; the tail, and CPUs without F16C, as c10::Half: the same
+// bits (round to nearest even, NaN stays NaN). GCC 12 vectorizes no _Float16 conversion, and
+// c10::Half's bit manipulation, vectorized, costs ~0.08 ns per element and conversion: at 7 of
+// them per element an all-fp16 step of 16M elements took 12.3 ms on one thread, torch's fused
+// 6.8 (bench/NOTES.md 25). So fp16 mixes take the staged loop.
+template <typename T>
+void load_fp32(const T* src, float* dst, int64_t n) { to_fp32(src, dst, n); }
+
+template <typename T>
+void store_fp32(const float* src, T* dst, int64_t n) { from_fp32(src, dst, n); }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx512f"))) void half_to_fp32_x16(const c10::Half* __restrict src,
+                                                         float* __restrict dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(
+                                  reinterpret_cast<const __m256i*>(src + i))));
+  to_fp32(src + i, dst + i, n - i);
+}
+
+__attribute__((target("avx512f"))) void fp32_to_half_x16(const float* __restrict src,
+                                                         c10::Half* __restrict dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(
+        reinterpret_cast<__m256i*>(dst + i),
+        _mm512_maskz_cvtps_ph(0xFFFF, _mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  from_fp32(src + i, dst + i, n - i);
+}
+
+__attribute__((target("avx,f16c"))) void half_to_fp32_x8(const c10::Half* __restrict src,
+                                                         float* __restrict dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(
+                                  reinterpret_cast<const __m128i*>(src + i))));
+  to_fp32(src + i, dst + i, n - i);
+}
+
+__attribute__((target("avx,f16c"))) void fp32_to_half_x8(const float* __restrict src,
+                                                         c10::Half* __restrict dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  from_fp32(src + i, dst + i, n - i);
+}
+
+// The widest of the three the CPU has and torch's CPU capability allows (ATEN_CPU_CAPABILITY
+// caps both: "avx2" takes F16C, "default" c10::Half; tests run each so).
+int half_width() {
+  static const int width = [] {
+    const std::string allowed = at::get_cpu_capability();
+    if (allowed == "AVX512" && __builtin_cpu_supports("avx512f")) return 16;
+    if (allowed != "DEFAULT" && __builtin_cpu_supports("f16c")) return 8;
+    return 1;
+  }();
+  return width;
+}
+
+void load_fp32(const c10::Half* src, float* dst, int64_t n) {
+  switch (half_width()) {
+    case 16: return half_to_fp32_x16(src, dst, n);
+    case 8: return half_to_fp32_x8(src, dst, n);
+    default: return to_fp32(src, dst, n);
+  }
+}
+
+void store_fp32(const float* src, c10::Half* dst, int64_t n) {
+  switch (half_width()) {
+    case 16: return fp32_to_half_x16(src, dst, n);
+    case 8: return fp32_to_half_x8(src, dst, n);
+    default: return from_fp32(src, dst, n);
+  }
+}
+#endif
+
 template <typename T>
 FA_CPU_CLONES void adopt_written(float* __restrict master, const T* __restrict param, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
@@ -175,14 +263,14 @@ struct Operand {
     if (dtype == at::kFloat) return;
     with_float_type(dtype, [&](auto tag) {
       using T = std::decay_t<decltype(tag)>;
-      to_fp32(static_cast<const T*>(data) + begin, block, len);
+      load_fp32(static_cast<const T*>(data) + begin, block, len);
     });
   }
   void store(int64_t begin, int64_t len, const float* src) const {
     if (dtype == at::kFloat && static_cast<float*>(data) + begin == src) return;
     with_float_type(dtype, [&](auto tag) {
       using T = std::decay_t<decltype(tag)>;
-      from_fp32(src, static_cast<T*>(data) + begin, len);
+      store_fp32(src, static_cast<T*>(data) + begin, len);
     });
   }
 };
@@ -205,7 +293,8 @@ Operands operands(const Buffers& b, int64_t i) {
              master ? operand(b.params[i]) : Operand{},
              b.quantized() ? b.exp_avg_absmaxes[i].data_ptr<float>() : nullptr,
              b.quantized() ? b.exp_avg_sq_absmaxes[i].data_ptr<float>() : nullptr, amsgrad, false};
-  o.fused = o.g.dtype == b.params[i].scalar_type() && o.m.dtype == o.v.dtype &&
+  const bool half = b.params[i].scalar_type() == at::kHalf || o.m.dtype == at::kHalf;
+  o.fused = !half && o.g.dtype == b.params[i].scalar_type() && o.m.dtype == o.v.dtype &&
             (!amsgrad || o.vmax.dtype == o.v.dtype);
   return o;
 }
@@ -243,13 +332,17 @@ void step_fused(const Operands& o, const AdamHyper& h, bool stochastic, int64_t 
     using T = std::decay_t<decltype(t_tag)>;
     with_float_type(o.m.dtype, [&](auto s_tag) {
       using S = std::decay_t<decltype(s_tag)>;
-      for (int64_t len = 0; lo < end; lo += len, index0 += len) {
-        len = std::min(end - lo, (int64_t{1} << 32) - (index0 & 0xffffffff));
-        adam_loop<T, kind(), S, wd, amsgrad>(
-            static_cast<T*>(element(param, lo)), static_cast<const T*>(element(o.g, lo)),
-            static_cast<S*>(element(o.m, lo)), static_cast<S*>(element(o.v, lo)),
-            static_cast<S*>(element(o.vmax, lo)),
-            master ? static_cast<float*>(element(o.p, lo)) : nullptr, len, h, index0);
+      if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<S, c10::Half>) {
+        TORCH_CHECK(false, "fused_adam: fp16 operands take the staged loop");
+      } else {
+        for (int64_t len = 0; lo < end; lo += len, index0 += len) {
+          len = std::min(end - lo, (int64_t{1} << 32) - (index0 & 0xffffffff));
+          adam_loop<T, kind(), S, wd, amsgrad>(
+              static_cast<T*>(element(param, lo)), static_cast<const T*>(element(o.g, lo)),
+              static_cast<S*>(element(o.m, lo)), static_cast<S*>(element(o.v, lo)),
+              static_cast<S*>(element(o.vmax, lo)),
+              master ? static_cast<float*>(element(o.p, lo)) : nullptr, len, h, index0);
+        }
       }
     });
   });

@@ -798,12 +798,16 @@ class FlatBuffer:
             # read before any segment is written (`p.grad = p.grad.t()` overlaps its own).
             # Compiled, a grad the kernel reads from the buffer goes in through a view of the
             # buffer: functionalization (aot_eager) relates no DLPack alias to its buffer and
-            # applied such a copy after the kernel, which read the last step's grads.
+            # applied such a copy after the kernel, which read the last step's grads. A compiled
+            # step reads no addresses, so every source is cloned there (a grad swapped with
+            # another param's, or `p.grad = p.grad.t()`, would be overwritten as it is read;
+            # inductor fuses the clone into the copy).
             compiling = torch.compiler.is_compiling()
             targets = [self._make_view(self.grad, i)
                        if g is views[i] or (compiling and i not in self.in_place) else views[i]
                        for i, g in foreign]
-            torch._foreach_copy_(targets, [g.clone() if i in inside else g for i, g in foreign])
+            torch._foreach_copy_(targets, [g.clone() if compiling or i in inside else g
+                                           for i, g in foreign])
             for (i, g), target in zip(foreign, targets):
                 if i in self.external_set or i in kept:
                     continue

@@ -1,10 +1,15 @@
 """bf16/fp16 params, fp32 master weights, per-state dtypes: every backend against an fp64 run."""
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import CASES, make_params, set_grads, skip_if_interpreted_bf16
+import fused_adam
 from fused_adam import FusedAdamW
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
@@ -221,3 +226,60 @@ def test_a_write_to_the_param_wins_over_the_master(device, backend, write):
         ref_opt.step()
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(opt.state[p]["master_param"], q.detach(), rtol=1e-5, atol=1e-6)
+
+
+def _edge_floats() -> torch.Tensor:
+    """fp32 values at every exponent with the mantissa patterns fp16 rounding turns on: exact
+    halves, ties (to even: both ways), just above and below ties, values that round to the next
+    binade or overflow to inf, fp16 subnormals and zeros; both signs, inf."""
+    exponent = torch.arange(256, dtype=torch.int64) << 23
+    low = torch.tensor([0, 1, 0x0FFF, 0x1000, 0x1001, 0x2000, 0x3000, 0x7FFFFF, 0x7FF000,
+                        0x400000, 0x401000, 0x3FF000], dtype=torch.int64)
+    bits = (exponent[:, None] | low[None, :]).flatten()
+    bits = bits[bits < 0x7F800000]  # finite (inf and NaN: the next test)
+    bits = torch.cat([bits, bits | (1 << 31)])
+    return bits.to(torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_fp16_conversions_are_torchs_on_every_half_and_edge_floats(device, backend):
+    """The CPU kernel converts fp16 with its own vectorized bit operations (csrc/adam_cpu.cpp),
+    the GPU kernels with the hardware's: bitwise as torch's `.half()` / `.float()`. A step of
+    lr 0 on zero grads changes no value: each of the 65536 fp16 params (NaNs stay NaN) is
+    widened and narrowed back as it was; an fp32 master set to edge floats, with its param their
+    `.half()`, is kept (the kernel checks that the param is the master's rounding: one that
+    differs counts as written by user code, and the master would then become the param)."""
+    every = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(F16)
+    masters = _edge_floats()
+    halves = torch.nn.Parameter(every.clone().to(device))
+    rounded = torch.nn.Parameter(masters.half().to(device))
+    plain = FusedAdamW([halves], lr=0.0, weight_decay=0.0, backend=backend)
+    master = FusedAdamW([rounded], lr=0.0, weight_decay=0.0, master_weights=True, backend=backend)
+    for p in (halves, rounded):
+        p.grad = torch.zeros_like(p)
+    plain.step()
+    master.step()  # the master made from the param
+    with torch.no_grad():
+        master.state[rounded]["master_param"].copy_(masters)
+    master.step()
+    got = halves.detach().cpu()
+    nan = every.isnan()
+    assert torch.equal(got[~nan].view(torch.int16), every[~nan].view(torch.int16))
+    assert got[nan].isnan().all()
+    assert torch.equal(master.state[rounded]["master_param"].cpu().view(torch.int32),
+                       masters.view(torch.int32))
+    assert torch.equal(rounded.detach().cpu().view(torch.int16), masters.half().view(torch.int16))
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_fp16_conversions_on_cpus_without_avx512(capability):
+    """The CPU kernel's fp16 blocks convert 16 at a time with AVX-512, 8 with F16C, or as
+    c10::Half, by what torch's CPU capability allows (ATEN_CPU_CAPABILITY caps it): the two
+    narrower paths, in a child process each, on the test above."""
+    if "cpu" not in fused_adam.available_backends("cpu"):
+        pytest.skip("the CPU extension is not built")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+           "test_fp16_conversions_are_torchs and cpu-cpu", __file__]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert out.returncode == 0 and "1 passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
