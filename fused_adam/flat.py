@@ -691,7 +691,8 @@ class FlatBuffer:
                 return None, []
         elif all(map(operator.is_, grads, views)) and addresses(grads) == self.ptrs["grad"]:
             return None, []  # (the fast path without the extension)
-        moved = () if compiling else {
+        # (none are ours after zero_grad()'s default set_to_none: ~10 us less for 148 grads)
+        moved = () if compiling or not any(map(operator.is_, grads, views)) else {
             i for i, (g, v, ptr) in enumerate(zip(grads, views, _values(self.ptrs["grad"])))
             if g is v and g.data_ptr() != ptr}
         active, foreign = [], []
@@ -774,7 +775,8 @@ class FlatBuffer:
         # Kept grads are read where they are when every one of them can be (else all are copied
         # in, sources cloned first: the step is right, but a swapped grad object may then show
         # the values copied into its segment)
-        read = kept if all(self._reads_as_it_is(i, g) for i, g in foreign if i in kept) else ()
+        read = kept if kept and all(self._reads_as_it_is(i, g) for i, g in foreign
+                                    if i in kept) else ()
         if not self.solo:  # read where it is when the kernels can (not our grad object
             # re-pointed: that one is copied into a fresh alias of its segment, which it then
             # points to again)
@@ -790,7 +792,8 @@ class FlatBuffer:
                     elif _readable(g, p, self.grad_dtype):
                         operands[i] = g
             self.grad_operands = operands
-            foreign = [(i, g) for i, g in foreign if i not in operands]
+            if operands:
+                foreign = [(i, g) for i, g in foreign if i not in operands]
         if foreign and not self.solo:
             views = self.views["grad"]
             # Our grad object re-pointed elsewhere (`p.grad.data = t`): copied into a new alias
