@@ -148,8 +148,8 @@ FA_CPU_CLONES void from_fp32(const float* __restrict src, T* __restrict dst, int
 
 // Blocks of an operand to and from fp32 (the staged loop), as the casts above vectorize; fp16
 // with the hardware's instructions (vcvtph2ps / vcvtps2ph: AVX-512F, 16 elements at a time, or
-// F16C, 8), picked once at run time; the tail, and CPUs without F16C, as c10::Half: the same
-// bits (round to nearest even, NaN stays NaN). GCC 12 vectorizes no _Float16 conversion, and
+// F16C, 8), picked once at run time; the tail, and CPUs without F16C, in C++ to the same bits
+// (round to nearest even, a NaN's payload kept as the instructions keep it). GCC 12 vectorizes no _Float16 conversion, and
 // c10::Half's bit manipulation, vectorized, costs ~0.08 ns per element and conversion: at 7 of
 // them per element an all-fp16 step of 16M elements took 12.3 ms on one thread, torch's fused
 // 6.8 (bench/NOTES.md 25). So fp16 mixes take the staged loop.
@@ -160,6 +160,21 @@ template <typename T>
 void store_fp32(const float* src, T* dst, int64_t n) { from_fp32(src, dst, n); }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// fp32 -> fp16 as vcvtps2ph rounds, for the elements the instructions leave (a block's tail, a
+// CPU without F16C): c10::Half's rounding, but a NaN keeps the top of its payload, quieted, as
+// the instruction keeps it (c10::Half makes every NaN 0x7E00: a NaN's bits then depended on
+// the ISA and on where a thread's share starts; found by review).
+void half_from_fp32(const float* __restrict src, c10::Half* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = float_bits(src[i]);
+    dst[i] = std::isnan(src[i])
+                 ? c10::Half(static_cast<uint16_t>(((bits >> 16) & 0x8000u) | 0x7E00u |
+                                                   ((bits >> 13) & 0x3FFu)),
+                             c10::Half::from_bits())
+                 : static_cast<c10::Half>(src[i]);
+  }
+}
+
 __attribute__((target("avx512f"))) void half_to_fp32_x16(const c10::Half* __restrict src,
                                                          float* __restrict dst, int64_t n) {
   int64_t i = 0;
@@ -176,7 +191,7 @@ __attribute__((target("avx512f"))) void fp32_to_half_x16(const float* __restrict
     _mm256_storeu_si256(
         reinterpret_cast<__m256i*>(dst + i),
         _mm512_maskz_cvtps_ph(0xFFFF, _mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-  from_fp32(src + i, dst + i, n - i);
+  half_from_fp32(src + i, dst + i, n - i);
 }
 
 __attribute__((target("avx,f16c"))) void half_to_fp32_x8(const c10::Half* __restrict src,
@@ -194,7 +209,7 @@ __attribute__((target("avx,f16c"))) void fp32_to_half_x8(const float* __restrict
   for (; i + 8 <= n; i += 8)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
                      _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-  from_fp32(src + i, dst + i, n - i);
+  half_from_fp32(src + i, dst + i, n - i);
 }
 
 // The widest of the three the CPU has and torch's CPU capability allows (ATEN_CPU_CAPABILITY
@@ -221,7 +236,7 @@ void store_fp32(const float* src, c10::Half* dst, int64_t n) {
   switch (half_width()) {
     case 16: return fp32_to_half_x16(src, dst, n);
     case 8: return fp32_to_half_x8(src, dst, n);
-    default: return from_fp32(src, dst, n);
+    default: return half_from_fp32(src, dst, n);
   }
 }
 #endif
