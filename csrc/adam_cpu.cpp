@@ -149,10 +149,10 @@ FA_CPU_CLONES void from_fp32(const float* __restrict src, T* __restrict dst, int
 // Blocks of an operand to and from fp32 (the staged loop), as the casts above vectorize; fp16
 // with the hardware's instructions (vcvtph2ps / vcvtps2ph: AVX-512F, 16 elements at a time, or
 // F16C, 8), picked once at run time; the tail, and CPUs without F16C, in C++ to the same bits
-// (round to nearest even, a NaN's payload kept as the instructions keep it). GCC 12 vectorizes no _Float16 conversion, and
-// c10::Half's bit manipulation, vectorized, costs ~0.08 ns per element and conversion: at 7 of
-// them per element an all-fp16 step of 16M elements took 12.3 ms on one thread, torch's fused
-// 6.8 (bench/NOTES.md 25). So fp16 mixes take the staged loop.
+// (round to nearest even, a NaN's payload kept as the instructions keep it). GCC 12 vectorizes
+// no _Float16 conversion, and c10::Half's bit manipulation, vectorized, costs ~0.08 ns per
+// element and conversion: at 7 of them per element an all-fp16 step of 16M elements took 12.3 ms
+// on one thread, torch's fused 6.8 (bench/NOTES.md 25). So fp16 mixes take the staged loop.
 template <typename T>
 void load_fp32(const T* src, float* dst, int64_t n) { to_fp32(src, dst, n); }
 
