@@ -14,7 +14,7 @@
 namespace {
 
 // What `addresses` reads of each item (fused_adam/flat.py names them).
-enum Kind : long { kObjects = 0, kData = 1, kGrads = 2, kGradsAsTheyAre = 3 };
+enum Kind : long { kObjects = 0, kData = 1, kGrads = 2, kGradsAsTheyAre = 3, kStep = 4 };
 
 // Whether `obj` is a tensor: by its type, not by `__class__` (which any object may claim).
 bool is_tensor(PyObject* obj) {
@@ -64,11 +64,23 @@ bool grad_as_it_is(const at::Tensor& t, uint64_t& out) {
   }
 }
 
+// Its grad's TensorImpl address (Tensor._cdata) and data address into out[0], out[1]: (0, 0) for
+// None; false where this loop does not read the data address (data_address). The TensorImpl's
+// grad: Tensor.grad's getter without its non-leaf warning.
+bool grad_addresses(const at::Tensor& t, uint64_t* out) {
+  const at::Tensor& grad = t.unsafeGetTensorImpl()->grad();
+  out[0] = reinterpret_cast<uintptr_t>(grad.defined() ? grad.unsafeGetTensorImpl() : nullptr);
+  return data_address(grad, out[1]);
+}
+
 // addresses(items, kind) -> bytes | None: per item, as native uint64 values,
 //   kObjects: the object's address (Python's id);
 //   kData: the tensor's data address (Tensor.data_ptr);
 //   kGrads: its .grad's TensorImpl address (Tensor._cdata) and data address, (0, 0) for None;
 //   kGradsAsTheyAre: 1 where its grad is read as it is, 0 where it has none (grad_as_it_is).
+//   kStep: all of what a step is planned from, five values: the object's and its data's address,
+//     its grad's TensorImpl and data addresses, and flags: 1 requires_grad, 2 a grad read as it
+//     is (the optimizer's kept plan, fused_adam/optimizer.py `Replay`).
 // None when some item is not a tensor, has no data address of its own, or (kGradsAsTheyAre) has a
 // grad Python must look at.
 PyObject* addresses(PyObject*, PyObject* args) {
@@ -78,7 +90,7 @@ PyObject* addresses(PyObject*, PyObject* args) {
   if (!PyArg_ParseTuple(args, "Ol", &items, &kind)) {
     return nullptr;
   }
-  if (kind < kObjects || kind > kGradsAsTheyAre) {
+  if (kind < kObjects || kind > kStep) {
     PyErr_SetString(PyExc_ValueError, "addresses: unknown kind");
     return nullptr;
   }
@@ -87,7 +99,7 @@ PyObject* addresses(PyObject*, PyObject* args) {
     return nullptr;
   }
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.get());
-  const Py_ssize_t width = kind == kGrads ? 2 : 1;
+  const Py_ssize_t width = kind == kGrads ? 2 : kind == kStep ? 5 : 1;
   THPObjectPtr out(PyBytes_FromStringAndSize(nullptr, n * width * sizeof(uint64_t)));
   if (!out) {
     return nullptr;
@@ -104,10 +116,15 @@ PyObject* addresses(PyObject*, PyObject* args) {
       known = data_address(THPVariable_Unpack(item[i]), o[i]);
     } else if (kind == kGradsAsTheyAre) {
       known = grad_as_it_is(THPVariable_Unpack(item[i]), o[i]);
-    } else {  // (the TensorImpl's grad: Tensor.grad's getter without its non-leaf warning)
-      const at::Tensor& grad = THPVariable_Unpack(item[i]).unsafeGetTensorImpl()->grad();
-      o[2 * i] = reinterpret_cast<uintptr_t>(grad.defined() ? grad.unsafeGetTensorImpl() : nullptr);
-      known = data_address(grad, o[2 * i + 1]);
+    } else if (kind == kGrads) {
+      known = grad_addresses(THPVariable_Unpack(item[i]), o + 2 * i);
+    } else {
+      const at::Tensor& t = THPVariable_Unpack(item[i]);
+      uint64_t* x = o + 5 * i;
+      uint64_t as_it_is = 0;
+      x[0] = reinterpret_cast<uintptr_t>(item[i]);
+      known = data_address(t, x[1]) && grad_addresses(t, x + 2);
+      x[4] = t.requires_grad() | (known && grad_as_it_is(t, as_it_is) && as_it_is) << 1;
     }
     if (!known) {
       Py_RETURN_NONE;

@@ -82,7 +82,7 @@ GRAD_IN_PLACE_NUMEL = 1 << 16
 
 
 # What `addresses` reads of each tensor (csrc/census.cpp).
-OBJECTS, DATA, GRADS, GRADS_AS_THEY_ARE = 0, 1, 2, 3
+OBJECTS, DATA, GRADS, GRADS_AS_THEY_ARE, STEP = 0, 1, 2, 3, 4
 
 
 def addresses(tensors, kind: int = DATA) -> bytes | None:
@@ -434,6 +434,9 @@ class FlatBuffer:
             self.param = make(self.dtype)
             self.grad = make(self.grad_dtype) if grad_buffer else None
         self.grad_now = self.grad  # the grad operand of the step being prepared
+        # Whether this step's plan follows from what the optimizer's Replay checks: every param
+        # stepped with the one host step count `count`, nothing adopted, created or copied.
+        self.replayable, self.count = False, None
         # Stochastic rounding (when the group asks) applies to bf16 params without a master.
         self.may_round_stochastically = (self.dtype == torch.bfloat16
                                          and MASTER_KEY not in self.state_dtypes)
@@ -711,6 +714,7 @@ class FlatBuffer:
         callable that prepares the step (states adopted, grads copied in, state created) and
         returns the active segments for `launch` (None: all). Nothing is modified until it runs,
         so a step that raises here leaves every param and state as it was."""
+        self.replayable = False
         active, foreign = self._classify_grads()
         stale = self._stale_states(state)
         if active == []:
@@ -767,10 +771,15 @@ class FlatBuffer:
         return kept, inside
 
     def _prepare(self, state, active, foreign, stale):
+        self.replayable = (active is None and not stale and self.all_initialized
+                           and not (self.copied or self.ordered or self.device_steps
+                                    or self.unwatched))
         if stale:
             self._adopt_stale(state, stale)
-        if self.solo:  # (a copy for this step only when autograd's grad can't be read)
-            self.grad_now = _dense_grad(self.params[0].grad, self.params[0], self.grad_dtype).view(-1)
+        if self.solo:  # (a copy for this step only when autograd's grad can't be read; the
+            # kernels read any contiguous operand flat)
+            self.grad_now = _dense_grad(self.params[0].grad, self.params[0], self.grad_dtype)
+            self.replayable &= self.grad_now is self.params[0].grad
         kept, inside = self._grads_kept(foreign)
         # Kept grads are read where they are when every one of them can be (else all are copied
         # in, sources cloned first: the step is right, but a swapped grad object may then show
@@ -789,12 +798,14 @@ class FlatBuffer:
                         operands[i] = g
                     elif views is None:  # no buffer to copy it into: a dense copy if need be
                         operands[i] = _dense_grad(g, p, self.grad_dtype)
+                        self.replayable &= operands[i] is g
                     elif _readable(g, p, self.grad_dtype):
                         operands[i] = g
             self.grad_operands = operands
             if operands:
                 foreign = [(i, g) for i, g in foreign if i not in operands]
         if foreign and not self.solo:
+            self.replayable = False
             views = self.views["grad"]
             # Our grad object re-pointed elsewhere (`p.grad.data = t`): copied into a new alias
             # of its segment, which the object then points to again. A grad in our buffer is
@@ -850,6 +861,9 @@ class FlatBuffer:
         if not counted:
             self._count_step(active, found_inf)
         steps = self.steps if self.device_steps else self.steps.tolist()
+        if self.replayable:
+            self.count = steps[0]
+            self.replayable = steps.count(self.count) == len(steps)
         if self.device_steps:
             keys = [(self, h) for h in self.history]
         else:

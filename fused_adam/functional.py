@@ -1,6 +1,9 @@
 """One Adam/AdamW step over one buffer: host-side scalars, then one backend call."""
 from __future__ import annotations
 
+import itertools
+from array import array
+
 import torch
 
 from . import backends
@@ -85,17 +88,24 @@ def step_segments_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master
         [int(x) for x in segments], stochastic=bool(stochastic), found_inf=found_inf)
 
 
+def next_count(step: float) -> float:
+    """A host step count one step later, as a float32 count tensor's `+= 1` makes it (exact below
+    2**24, where float32 counts stop)."""
+    return step + 1 if step < 1 << 24 else array("f", (step + 1,))[0]
+
+
 class Launch:
     """The segments of one launch, gathered buffer by buffer across param groups, then stepped
     by one backend call: one row per (group, step count), on the host or the device; a group's
     grad multiplier (clip coefficient, GradScaler's inverse scale) multiplies its rows'
     grad_mult."""
 
-    def __init__(self, backend_fn, stochastic: bool):
-        self.backend_fn, self.stochastic = backend_fn, stochastic
+    def __init__(self, backend_fn, stochastic: bool, kept: dict | None = None):
+        self.backend_fn, self.stochastic, self.kept = backend_fn, stochastic, kept
         self.lists: tuple[list, ...] = ([], [], [], [], [], [], [], [])
         self.segments: list[int] = []
         self.rows: list = []  # host rows (lists of floats) or device rows (tensors)
+        self.made_from: list[tuple] = []  # per row: (group, step count)
         self.multipliers: list = []  # per row: None or the group's multiplier tensor
         self._row_of: dict[tuple, int] = {}
         self._plain = True  # every row from the host, no multiplier: the table as it is
@@ -121,17 +131,37 @@ class Launch:
                         k: v for k, v in options.items() if k != "stochastic_rounding_seed"}))
                 else:
                     self.rows.append(hyper_row(step=step, **options))
+                self.made_from.append((g, step))
                 if key is not None:
                     self._row_of[key] = row
                 self.multipliers.append(multiplier_of[g])
                 self._plain &= multiplier_of[g] is None
             self.segments += (buffer, start, end - start, row, base)
 
+    def recount(self, options_of: list[dict]) -> None:
+        """The same launch one step later (host rows, no multiplier): each row's step count one
+        more, as float32 counts add it, and its group's options as they are now."""
+        self.made_from = [(g, next_count(step)) for g, step in self.made_from]
+        self.rows = [hyper_row(step=step, **options_of[g]) for g, step in self.made_from]
+
     def table(self, device: torch.device) -> torch.Tensor:
         """The hyperparameter table: on the host when every row and multiplier is, else on
-        `device`."""
-        if self._plain:  # the usual step: ~5 us of host time less than the general path
-            return torch.tensor(self.rows, dtype=torch.float64)
+        `device`. A CPU launch's host rows are written into a table kept in `kept` (the
+        optimizer's, per row count; the CPU kernels read it before they return): a tensor made
+        each step cost ~38 us of host time where a step has streamed its operands through the
+        caches, the write ~11 (bench/NOTES.md 28)."""
+        if self._plain:
+            if self.kept is None or device.type != "cpu" or torch.compiler.is_compiling():
+                return torch.tensor(self.rows, dtype=torch.float64)
+            made = self.kept.get(len(self.rows))
+            if made is None:
+                if len(self.kept) >= 8:  # (row counts come and go: bounded)
+                    self.kept.clear()
+                memory = array("d", bytes(8 * len(HYPER_FIELDS) * len(self.rows)))
+                made = self.kept[len(self.rows)] = (memory, torch.frombuffer(
+                    memory, dtype=torch.float64).view(len(self.rows), len(HYPER_FIELDS)))
+            made[0][:] = array("d", itertools.chain.from_iterable(self.rows))
+            return made[1]
         on_device = [torch.is_tensor(r) for r in self.rows]
         host = [r for r, d in zip(self.rows, on_device) if not d]
         if not any(on_device) and all(m is None or m.device.type == "cpu" for m in self.multipliers):

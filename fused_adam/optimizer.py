@@ -7,17 +7,39 @@ never touches a kernel.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import numbers
 import operator
+import os
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from . import backends, quantize
-from .flat import (Layout, Packing, Watch, buffer_key, check_state_dtype, clip_coefficient,
-                   nonfinite)
-from .functional import Launch
+from .flat import (STEP, Layout, Packing, Watch, addresses, buffer_key, check_state_dtype,
+                   clip_coefficient, nonfinite)
+from .functional import Launch, next_count
+
+
+def _hooked(step):
+    """`step` inside torch.optim's step wrapper (Optimizer.profile_hook_step: the profiler's
+    "Optimizer.step#FusedAdamW.step" range and the step hooks) while a profiler runs or a step
+    hook is registered, else alone: the wrapper's record_function costs ~30 us of host time where
+    the step before streamed its operands through the caches (bench/NOTES.md 28)."""
+    wrapped = Optimizer.profile_hook_step(step)
+
+    @functools.wraps(step)
+    def wrapper(self, *args, **kwargs):
+        if (torch.autograd.profiler._is_profiler_enabled or _global_optimizer_pre_hooks
+                or _global_optimizer_post_hooks or self._optimizer_step_pre_hooks
+                or self._optimizer_step_post_hooks):
+            return wrapped(self, *args, **kwargs)
+        return step(self, *args, **kwargs)
+
+    wrapper.hooked = True  # (Optimizer.__init__ wraps a step that is not)
+    return wrapper
 
 
 class FusedAdam(Optimizer):
@@ -182,13 +204,33 @@ class FusedAdam(Optimizer):
         for buf in self._packing.buffers:
             buf.zero_grad()
 
-    @torch.no_grad()
+    @_hooked
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        compiling = torch.compiler.is_compiling()
+        # Grad mode off for the update: torch.no_grad() costs ~20 us more of host time where the
+        # step follows one that streamed its operands through the caches (bench/NOTES.md 28).
+        if torch.compiler.is_compiling():  # (dynamo traces the context manager)
+            with torch.no_grad():
+                self._step(compiling=True)
+            return loss
+        enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            self._step(compiling=False)
+        finally:
+            torch._C._set_grad_enabled(enabled)
+        return loss
+
+    def _step(self, compiling: bool) -> None:
+        if not compiling:
+            replay = self.__dict__.get("_replay")
+            if replay is not None and replay.holds(self):
+                replay.run(self)
+                return
+            self.__dict__["_replay"] = None
         if getattr(self, "found_inf", None) is not None and not self._amp:
             self._amp = True  # a GradScaler: re-pack once with step counts on the device
         self._sync_layout()
@@ -254,19 +296,14 @@ class FusedAdam(Optimizer):
                 multiplier = clip_coefficient(mine, group["max_grad_norm"], grad_scale, g)
             if inverse is not None:
                 multiplier = inverse if multiplier is None else multiplier * inverse.to(multiplier.device)
-            beta1, beta2 = group["betas"]
-            options_of.append(dict(
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                decoupled_weight_decay=group["decoupled_weight_decay"],
-                maximize=group["maximize"], bias_correction=group["bias_correction"],
-                stochastic_rounding_seed=group["seed"] if group["stochastic_rounding"] else None))
+            options_of.append(_options(group))
             multiplier_of.append(multiplier)
         rounding = [bool(group["stochastic_rounding"]) for group in groups]
         uniform = uniform and all(r == rounding[0] for r in rounding)
         # One launch per (backend, device, operand dtypes, operands present, rounding), across
         # groups: lr, betas, eps and weight decay are rows of its table, not launches.
         launches: dict[tuple, Launch] = {}
+        kept = None if compiling else self.__dict__.setdefault("_host_tables", {})
         copied = []  # buffers with params copied in, to copy out after the launches
         for (buf, active), skip in zip(prepared, skips):
             work = buf.begin(active, None if skip is None else skip.to(buf.device),
@@ -276,7 +313,7 @@ class FusedAdam(Optimizer):
             whole = uniform or len(buf.group_range) == 1  # one launch takes all its spans
             if buf.ordered:  # stepped now, in order: a param whose memory overlaps this
                 key = key_of(buf.groups[0])  # one steps next and must see this update
-                launch = Launch(resolved[key[:2]], key[2])
+                launch = Launch(resolved[key[:2]], key[2], kept)
                 for operands, spans in work:
                     launch.add(operands, spans, options_of, multiplier_of)
                 launch.run(skip)
@@ -296,7 +333,7 @@ class FusedAdam(Optimizer):
             for key, items in parted.items():
                 launch = launches.get(key)
                 if launch is None:
-                    launch = launches[key] = Launch(resolved[key[:2]], key[2])
+                    launch = launches[key] = Launch(resolved[key[:2]], key[2], kept)
                 for operands, spans in items:
                     launch.add(operands, spans, options_of, multiplier_of)
             if buf.copied:
@@ -305,7 +342,11 @@ class FusedAdam(Optimizer):
             launch.run(found_inf if key[3] else None)
         for buf in copied:  # their update back where the params live
             buf.end()
-        return loss
+        if (not compiling and found_inf is None and grad_scale is None
+                and len(prepared) == len(self._packing.buffers)
+                and all(buf.replayable for buf, _ in prepared)
+                and all(m is None for m in multiplier_of)):
+            self.__dict__["_replay"] = Replay(self, launches.values())
 
     def _order_states(self, kept: int) -> None:
         """The states this step made (after the first `kept`) in the order torch.optim makes
@@ -346,6 +387,92 @@ class FusedAdamW(FusedAdam):
 
 # Our options beyond torch.optim.Adam's, with their defaults: the one place they are listed for
 # groups that lack them (an unpickled torch optimizer, a torch checkpoint).
+def _options(group: dict) -> dict:
+    """A group's hyperparameters as `hyper_row` takes them (the rows of its launches)."""
+    beta1, beta2 = group["betas"]
+    return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                maximize=group["maximize"], bias_correction=group["bias_correction"],
+                stochastic_rounding_seed=group["seed"] if group["stochastic_rounding"] else None)
+
+
+def _policy(groups: list[dict]) -> list[tuple]:
+    """What each group's options decide about its launches besides its rows and its Layout."""
+    return [(g["backend"], g["stochastic_rounding"], g["max_grad_norm"]) for g in groups]
+
+
+class Replay:
+    """The last step's launches, kept while nothing they were planned from changes: a step like
+    the last one then only counts, writes its rows and launches. Where the step before streamed
+    its operands through the caches, planning a step costs ~190 us of host time, a replay ~100
+    (ZeroRedundancyOptimizer's bucket views on the 2-core VM, where torch fused's step takes
+    ~110; bench/NOTES.md 28). Kept after a step in which every buffer stepped every param with
+    one host step count and adopted, created and copied nothing (FlatBuffer `replayable`), with
+    no clipping, skipping or scaler; `holds` checks, before anything changes, everything else a
+    plan depends on: the same buffers and state dicts and no state dict written (the Watch), each
+    group's Layout and launch options, FUSED_ADAM_BACKEND, the step counts, and one census of
+    every group's params (the objects, their data, their grads: objects, addresses, and whether
+    each is read as it is) and of the state tensors' addresses. Anything else takes the full
+    step, which keeps its plan again when it can. Grads user code holds are not kept between
+    steps (zero_grad() frees them, as under torch): their slots are filled from the params for
+    the launch and emptied after it."""
+
+    def __init__(self, opt: FusedAdam, launches):
+        self.buffers, self.state = opt._packing.buffers, opt.state
+        self.values = opt.__dict__["_state_values"]
+        self.layouts = opt._layouts()
+        self.policy = _policy(opt.param_groups)
+        self.override = os.environ.get(backends.OVERRIDE)
+        self.views = [v for buf in self.buffers for key in buf.state for v in buf.views[key]]
+        params = [p for group in opt.param_groups for p in group["params"]]
+        self.census = addresses(params + self.views, STEP)
+        # (each buffer's one count, and its version: any write to a count changes it)
+        self.counts = [(buf, buf.count, buf.steps._version) for buf in self.buffers]
+        held = {id(p.grad): p for p in params if p.grad is not None}
+        self.launches = []
+        for launch in launches:
+            grads = launch.lists[1]
+            slots = [(k, held[id(g)]) for k, g in enumerate(grads) if id(g) in held]
+            for k, _ in slots:
+                grads[k] = None
+            self.launches.append((launch, slots))
+
+    def holds(self, opt: FusedAdam) -> bool:
+        groups = opt.param_groups
+        if (self.census is None or opt._packing.buffers is not self.buffers
+                or opt.state is not self.state or opt._watch.dirty
+                or getattr(opt, "found_inf", None) is not None
+                or getattr(opt, "grad_scale", None) is not None
+                or len(opt.state) != len(self.values)
+                or not all(map(operator.is_, opt.state.values(), self.values))
+                or _policy(groups) != self.policy
+                or os.environ.get(backends.OVERRIDE) != self.override
+                or not all(map(operator.is_, opt._layouts(), self.layouts))):
+            return False
+        params = [p for group in groups for p in group["params"]]
+        if addresses(params + self.views, STEP) != self.census:
+            return False
+        return all(buf.steps._version == version for buf, _, version in self.counts)
+
+    def run(self, opt: FusedAdam) -> None:
+        for group in opt.param_groups:
+            _check_step_values(group)
+        torch._foreach_add_([buf.steps for buf, _, _ in self.counts], 1)
+        self.counts = [(buf, next_count(count), buf.steps._version) for buf, count, _ in self.counts]
+        options_of = [_options(group) for group in opt.param_groups]
+        for launch, slots in self.launches:
+            launch.recount(options_of)
+            grads = launch.lists[1]
+            for k, p in slots:
+                grads[k] = p.grad
+            try:
+                launch.run()
+            finally:
+                for k, _ in slots:
+                    grads[k] = None
+
+
 def _signature_defaults(fn) -> dict:
     return {name: p.default for name, p in inspect.signature(fn).parameters.items()
             if p.default is not inspect.Parameter.empty}

@@ -49,6 +49,7 @@ _loaded: dict[str, object] = {}
 _resolved: dict[tuple, object] = {}
 
 NAMES = ("auto", *_MODULES)
+OVERRIDE = "FUSED_ADAM_BACKEND"  # the environment variable that overrides `auto`
 
 
 def _module(name: str):
@@ -88,7 +89,7 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype):
     """The step function of backend `name` for `dtype` buffers on `device`; `auto` honours
     FUSED_ADAM_BACKEND."""
     # (the environment is read for `auto` only: ~1 us a call, once per buffer and step)
-    key = (name, device, dtype, os.environ.get("FUSED_ADAM_BACKEND") if name == "auto" else None)
+    key = (name, device, dtype, os.environ.get(OVERRIDE) if name == "auto" else None)
     fn = _resolved.get(key)
     if fn is None:
         fn = _resolved[key] = _resolve(name, device, dtype)
@@ -97,7 +98,7 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype):
 
 def _resolve(name: str, device: torch.device, dtype: torch.dtype):
     if name == "auto":
-        name = os.environ.get("FUSED_ADAM_BACKEND", "auto")
+        name = os.environ.get(OVERRIDE, "auto")
         check_name(name)
     if name == "auto":
         for candidate in _AUTO.get(device.type, ("torch",)):
