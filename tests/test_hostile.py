@@ -809,3 +809,148 @@ def test_a_repack_lets_the_old_grad_buffer_go(monkeypatch):
     gc.collect()
     assert old() is None
     assert w.grad.untyped_storage().nbytes() == w.numel() * 4
+
+
+def _count_replays(monkeypatch) -> list:
+    """Calls of Replay.run from here on (a step that kept the last step's plan)."""
+    from fused_adam import optimizer
+    replays, run = [], optimizer.Replay.run
+    monkeypatch.setattr(optimizer.Replay, "run", lambda self, opt: (replays.append(1), run(self, opt)))
+    return replays
+
+
+def _edit_between_replays(opt, params, edit, gen):
+    """User code between two steps (the same on ours and on torch's)."""
+    p, q = params[0], params[2]
+    s = opt.state[p]
+    if edit == "lr and betas":
+        opt.param_groups[0].update(lr=3e-3, betas=(0.8, 0.99))
+    elif edit == "maximize, eps, weight_decay":
+        opt.param_groups[0].update(maximize=True, eps=1e-3, weight_decay=0.5)
+    elif edit == "p.data = t":
+        p.data = torch.randn(p.shape, generator=gen)
+    elif edit == "p.grad.data = t":
+        p.grad.data = torch.randn(p.shape, generator=gen)
+    elif edit == "p.grad = t":
+        p.grad = torch.randn(p.shape, generator=gen)
+    elif edit == "p.grad = None":
+        p.grad = None
+    elif edit == "p.grad = q.grad":
+        p.grad = q.grad
+    elif edit == "exp_avg.data = t":
+        s["exp_avg"].data = torch.full_like(s["exp_avg"], 0.5)
+    elif edit == "state[p][exp_avg] = t":
+        s["exp_avg"] = torch.full_like(s["exp_avg"], 0.25)
+    elif edit == "del state[p]":
+        del opt.state[p]
+    elif edit == "step.fill_":
+        s["step"].fill_(100.0)
+    elif edit == "requires_grad_(False)":
+        p.requires_grad_(False)
+        p.grad = None
+    elif edit == "a param joins the group":
+        opt.param_groups[0]["params"].append(params[-1])
+    elif edit == "add_param_group":
+        opt.add_param_group(dict(params=[params[-1]], lr=5e-3))
+    elif edit == "load_state_dict":
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("edit", ["lr and betas", "maximize, eps, weight_decay", "p.data = t", "p.grad.data = t",
+                                  "p.grad = t", "p.grad = None", "p.grad = q.grad",
+                                  "exp_avg.data = t", "state[p][exp_avg] = t", "del state[p]",
+                                  "step.fill_", "requires_grad_(False)", "a param joins the group",
+                                  "add_param_group", "load_state_dict"])
+@pytest.mark.parametrize("layout", ["packed", "bucket views"])
+def test_a_replayed_step_sees_what_user_code_changed(monkeypatch, device, backend, edit, layout):
+    """Grads that stay between steps (zero_grad(set_to_none=False), ZeroRedundancyOptimizer's
+    bucket views): from the third step the optimizer replays its last plan (Replay), and each
+    edit of user code between two steps must reach the next step as it reaches torch's."""
+    shapes = [(4, 4), (5,), (4, 4), (7,)]
+
+    def made():
+        ps = make_params(shapes, device)
+        if layout == "bucket views":  # params viewing one storage not ours: stepped in place
+            bucket = torch.cat([p.detach().reshape(-1) for p in ps])
+            starts = [0, *torch.tensor([p.numel() for p in ps]).cumsum(0).tolist()]
+            ps = [torch.nn.Parameter(bucket[a:b].view(p.shape)) for p, a, b in
+                  zip(ps, starts, starts[1:])]
+        return ps[:3], ps[3]  # the last one joins later (edits that add a param)
+    (params, extra), (ref_params, ref_extra) = made(), made()
+    ours = FusedAdamW(params, lr=1e-2, weight_decay=0.1, backend=backend)
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, weight_decay=0.1, foreach=False)
+    replays, before = _count_replays(monkeypatch), None
+    for step in range(7):
+        for opt, ps in ((ours, params + [extra]), (ref, ref_params + [ref_extra])):
+            opt.zero_grad(set_to_none=False)
+            gen = torch.Generator().manual_seed(step)
+            sum((p * torch.randn(p.shape, generator=gen).to(device)).sum() + p.square().sum()
+                for p in ps if p.requires_grad).backward()
+            if step == 4:
+                before = before if opt is ref else len(replays)
+                _edit_between_replays(opt, ps, edit, torch.Generator().manual_seed(99))
+            opt.step()
+        assert_optimizers_match(ours, ref, backend)
+    assert before == 2  # steps 3 and 4 replayed the plan of step 2
+
+
+@pytest.mark.parametrize("steps", [2, 4])  # (the second step keeps its plan, the next replay it)
+@pytest.mark.parametrize("clear", ["opt.zero_grad()", "p.grad = None"])
+def test_a_kept_plan_holds_no_grad_of_user_code(monkeypatch, clear, steps):
+    """Grads read where they are (params of 64K elements and more, bucket views) are not held by
+    the kept plan between steps: once user code lets them go they are freed, as under torch."""
+    import gc
+    import weakref
+    params = [torch.nn.Parameter(torch.randn(1 << 16)), torch.nn.Parameter(torch.randn(300, 300))]
+    opt = FusedAdamW(params, lr=1e-2)
+    replays = _count_replays(monkeypatch)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    for _ in range(steps):
+        opt.step()
+    assert len(replays) == steps - 2
+    old = [weakref.ref(p.grad) for p in params]
+    if clear == "opt.zero_grad()":
+        opt.zero_grad()
+    else:
+        for p in params:
+            p.grad = None
+    gc.collect()
+    assert all(ref() is None for ref in old)
+
+
+@pytest.mark.parametrize("hook", ["pre", "post", "global pre", "global post", "profiler"])
+def test_the_step_runs_in_torchs_wrapper_when_a_hook_or_profiler_asks(hook):
+    """Without a step hook or a profiler the step skips torch.optim's wrapper (its
+    record_function costs host time); with one, the hook runs and the profiler's range is there,
+    also for a step that replays its last plan."""
+    from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                       register_optimizer_step_pre_hook)
+    from torch.profiler import profile
+    params = make_params([(4, 3), (5,)], "cpu")
+    opt = FusedAdamW(params, lr=1e-2)
+    calls = []
+    for step in range(5):
+        for p in params:  # (the same grads each step: the plan is kept from the third step)
+            p.grad = torch.ones_like(p) if p.grad is None else p.grad
+        if step < 3:
+            opt.step()
+            continue
+        handle = None
+        if hook == "pre":
+            handle = opt.register_step_pre_hook(lambda *args: calls.append(args[0]))
+        elif hook == "post":
+            handle = opt.register_step_post_hook(lambda *args: calls.append(args[0]))
+        elif hook == "global pre":
+            handle = register_optimizer_step_pre_hook(lambda *args: calls.append(args[0]))
+        elif hook == "global post":
+            handle = register_optimizer_step_post_hook(lambda *args: calls.append(args[0]))
+        if handle is not None:
+            opt.step()
+            handle.remove()
+            assert calls == [opt] * (step - 2)  # (steps 3 and 4)
+            continue
+        with profile() as prof:
+            opt.step()
+        assert "Optimizer.step#FusedAdamW.step" in {e.key for e in prof.key_averages()}
