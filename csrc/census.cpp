@@ -5,6 +5,7 @@
 // those reads reach is a miss (~5 lines a param); a Python loop takes them one at a time, 0.17-0.33
 // ms per list of 1000 tensors on the 2-core VM, where this loop keeps several in flight: 0.05-0.10
 // ms (bench/NOTES.md 21).
+#include <ATen/record_function.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/object_ptr.h>
@@ -134,8 +135,18 @@ PyObject* addresses(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// observed() -> bool: whether a RecordFunction range would reach anyone now (a profiler, legacy or
+// Kineto, an execution-trace observer, any global or thread-local callback): the step's range
+// is then opened (fused_adam/optimizer.py `_hooked`).
+PyObject* observed(PyObject*, PyObject*) {
+  HANDLE_TH_ERRORS
+  return PyBool_FromLong(at::isRecordFunctionEnabled() && at::hasCallbacks());
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"addresses", addresses, METH_VARARGS, "addresses(items, kind) -> bytes | None"},
+    {"observed", observed, METH_NOARGS, "observed() -> bool"},
     {nullptr, nullptr, 0, nullptr}};
 
 #define FA_STRING2(x) #x

@@ -102,6 +102,14 @@ def addresses(tensors, kind: int = DATA) -> bytes | None:
     return array("Q", map(id if kind == OBJECTS else torch.Tensor.data_ptr, tensors)).tobytes()
 
 
+def observed() -> bool:
+    """Whether a profiler range opened now reaches anyone (a profiler, legacy or Kineto, an
+    execution-trace observer: any RecordFunction callback); True without the extension, which
+    alone can tell."""
+    module = _ext.module()
+    return module is None or module.observed()
+
+
 def _values(found: bytes) -> memoryview:
     """`addresses`' values as ints (indexable, iterable)."""
     return memoryview(found).cast("Q")

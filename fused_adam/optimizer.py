@@ -19,22 +19,26 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 
 from . import backends, quantize
 from .flat import (STEP, Layout, Packing, Watch, addresses, buffer_key, check_state_dtype,
-                   clip_coefficient, nonfinite)
+                   clip_coefficient, nonfinite, observed)
 from .functional import Launch, next_count
 
 
 def _hooked(step):
-    """`step` inside torch.optim's step wrapper (Optimizer.profile_hook_step: the profiler's
-    "Optimizer.step#FusedAdamW.step" range and the step hooks) while a profiler runs or a step
-    hook is registered, else alone: the wrapper's record_function costs ~30 us of host time where
-    the step before streamed its operands through the caches (bench/NOTES.md 28)."""
+    """`step` inside torch.optim's step wrapper (Optimizer.profile_hook_step: the step hooks and
+    the "Optimizer.step#FusedAdamW.step" range) while a step hook is registered, a range would
+    reach anyone (flat.observed) or torch.compile traces it, else alone: the wrapper's record_function costs ~30 us of host
+    time where the step before streamed its operands through the caches (bench/NOTES.md 28). A
+    subclass that overrides step has torch's wrapper around its own: its super().step() is this
+    one alone (the hooks run once)."""
     wrapped = Optimizer.profile_hook_step(step)
 
     @functools.wraps(step)
     def wrapper(self, *args, **kwargs):
-        if (torch.autograd.profiler._is_profiler_enabled or _global_optimizer_pre_hooks
-                or _global_optimizer_post_hooks or self._optimizer_step_pre_hooks
-                or self._optimizer_step_post_hooks):
+        if type(self).step is wrapper and (
+                torch.compiler.is_compiling()  # (dynamo traces torch's wrapper, not ours)
+                or _global_optimizer_pre_hooks or _global_optimizer_post_hooks
+                or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+                or observed()):
             return wrapped(self, *args, **kwargs)
         return step(self, *args, **kwargs)
 
@@ -190,6 +194,7 @@ class FusedAdam(Optimizer):
     def _sync_layout(self) -> None:
         """(Re)build the flat buffers of groups that are new or stale; after load_state_dict (a
         new `self.state`) all of them, adopting the loaded values."""
+        self.__dict__.pop("_replay", None)  # (a kept plan holds the buffers it steps)
         if self._packing is None or self._packing_state is not self.state:
             self._packing, self._packing_state = Packing(), self.state
         self._packing.sync(self.param_groups, self._layouts(), self.state, self._watch)

@@ -920,16 +920,26 @@ def test_a_kept_plan_holds_no_grad_of_user_code(monkeypatch, clear, steps):
     assert all(ref() is None for ref in old)
 
 
-@pytest.mark.parametrize("hook", ["pre", "post", "global pre", "global post", "profiler"])
-def test_the_step_runs_in_torchs_wrapper_when_a_hook_or_profiler_asks(hook):
-    """Without a step hook or a profiler the step skips torch.optim's wrapper (its
-    record_function costs host time); with one, the hook runs and the profiler's range is there,
-    also for a step that replays its last plan."""
+@pytest.mark.parametrize("hook", ["pre", "post", "global pre", "global post", "subclass pre",
+                                  "profiler", "legacy profiler", "execution trace"])
+def test_the_step_runs_in_torchs_wrapper_when_a_hook_or_profiler_asks(tmp_path, hook):
+    """Without a step hook or anyone to see a profiler range the step skips torch.optim's wrapper
+    (its record_function costs host time); with one, each hook runs once a step (a subclass that
+    overrides step included: torch wraps that one) and the range is there, also for a step that
+    replays its last plan. (Found by review: the legacy profiler and the execution-trace
+    observer lost the range, a subclass ran its hooks twice.)"""
+    from torch.autograd import profiler_legacy
     from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                        register_optimizer_step_pre_hook)
-    from torch.profiler import profile
+    from torch.profiler import ExecutionTraceObserver, profile
+
+    class Sub(FusedAdamW):
+        def step(self, closure=None):
+            return super().step(closure)
+
     params = make_params([(4, 3), (5,)], "cpu")
-    opt = FusedAdamW(params, lr=1e-2)
+    opt = (Sub if hook == "subclass pre" else FusedAdamW)(params, lr=1e-2)
+    name = f"Optimizer.step#{type(opt).__name__}.step"
     calls = []
     for step in range(5):
         for p in params:  # (the same grads each step: the plan is kept from the third step)
@@ -938,7 +948,7 @@ def test_the_step_runs_in_torchs_wrapper_when_a_hook_or_profiler_asks(hook):
             opt.step()
             continue
         handle = None
-        if hook == "pre":
+        if hook in ("pre", "subclass pre"):
             handle = opt.register_step_pre_hook(lambda *args: calls.append(args[0]))
         elif hook == "post":
             handle = opt.register_step_post_hook(lambda *args: calls.append(args[0]))
@@ -950,7 +960,15 @@ def test_the_step_runs_in_torchs_wrapper_when_a_hook_or_profiler_asks(hook):
             opt.step()
             handle.remove()
             assert calls == [opt] * (step - 2)  # (steps 3 and 4)
-            continue
-        with profile() as prof:
+        elif hook == "execution trace":
+            trace = ExecutionTraceObserver().register_callback(str(tmp_path / "trace.json"))
+            trace.start()
             opt.step()
-        assert "Optimizer.step#FusedAdamW.step" in {e.key for e in prof.key_averages()}
+            trace.stop()
+            trace.unregister_callback()
+            assert name in (tmp_path / "trace.json").read_text()
+        else:
+            with (profiler_legacy.profile() if hook == "legacy profiler" else profile()) as prof:
+                opt.step()
+            events = prof.function_events if hook == "legacy profiler" else prof.events()
+            assert name in {e.name for e in events}
