@@ -26,10 +26,10 @@ from .functional import Launch, next_count
 def _hooked(step):
     """`step` inside torch.optim's step wrapper (Optimizer.profile_hook_step: the step hooks and
     the "Optimizer.step#FusedAdamW.step" range) while a step hook is registered, a range would
-    reach anyone (flat.observed) or torch.compile traces it, else alone: the wrapper's record_function costs ~30 us of host
-    time where the step before streamed its operands through the caches (bench/NOTES.md 28). A
-    subclass that overrides step has torch's wrapper around its own: its super().step() is this
-    one alone (the hooks run once)."""
+    reach anyone (flat.observed) or torch.compile traces it, else alone: the wrapper's
+    record_function costs ~30 us of host time where the step before streamed its operands
+    through the caches (bench/NOTES.md 28). A subclass that overrides step has torch's wrapper
+    around its own: its super().step() is this one alone (the hooks run once)."""
     wrapped = Optimizer.profile_hook_step(step)
 
     @functools.wraps(step)
@@ -464,7 +464,8 @@ class Replay:
         for group in opt.param_groups:
             _check_step_values(group)
         torch._foreach_add_([buf.steps for buf, _, _ in self.counts], 1)
-        self.counts = [(buf, next_count(count), buf.steps._version) for buf, count, _ in self.counts]
+        self.counts = [(buf, next_count(count), buf.steps._version)
+                       for buf, count, _ in self.counts]
         options_of = [_options(group) for group in opt.param_groups]
         for launch, slots in self.launches:
             launch.recount(options_of)

@@ -815,7 +815,8 @@ def _count_replays(monkeypatch) -> list:
     """Calls of Replay.run from here on (a step that kept the last step's plan)."""
     from fused_adam import optimizer
     replays, run = [], optimizer.Replay.run
-    monkeypatch.setattr(optimizer.Replay, "run", lambda self, opt: (replays.append(1), run(self, opt)))
+    monkeypatch.setattr(optimizer.Replay, "run",
+                        lambda self, opt: (replays.append(1), run(self, opt)))
     return replays
 
 
@@ -857,9 +858,9 @@ def _edit_between_replays(opt, params, edit, gen):
 
 
 @pytest.mark.parametrize("device,backend", CASES)
-@pytest.mark.parametrize("edit", ["lr and betas", "maximize, eps, weight_decay", "p.data = t", "p.grad.data = t",
-                                  "p.grad = t", "p.grad = None", "p.grad = q.grad",
-                                  "exp_avg.data = t", "state[p][exp_avg] = t", "del state[p]",
+@pytest.mark.parametrize("edit", ["lr and betas", "maximize, eps, weight_decay", "p.data = t",
+                                  "p.grad.data = t", "p.grad = t", "p.grad = None",
+                                  "p.grad = q.grad", "exp_avg.data = t", "state[p][exp_avg] = t", "del state[p]",
                                   "step.fill_", "requires_grad_(False)", "a param joins the group",
                                   "add_param_group", "load_state_dict"])
 @pytest.mark.parametrize("layout", ["packed", "bucket views"])

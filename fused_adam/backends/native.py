@@ -20,6 +20,6 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, exp_avg_absmaxes,
                exp_avg_sq_absmaxes, hyper, segments, *, stochastic, found_inf):
-    torch.ops.fused_adam.adam_step_.default(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters,
-                                    exp_avg_absmaxes, exp_avg_sq_absmaxes, hyper, segments,
-                                    stochastic=stochastic, found_inf=found_inf)
+    torch.ops.fused_adam.adam_step_.default(  # (the overload: no OpOverloadPacket dispatch)
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, exp_avg_absmaxes,
+        exp_avg_sq_absmaxes, hyper, segments, stochastic=stochastic, found_inf=found_inf)
