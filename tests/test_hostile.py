@@ -858,11 +858,11 @@ def _edit_between_replays(opt, params, edit, gen):
 
 
 @pytest.mark.parametrize("device,backend", CASES)
-@pytest.mark.parametrize("edit", ["lr and betas", "maximize, eps, weight_decay", "p.data = t",
-                                  "p.grad.data = t", "p.grad = t", "p.grad = None",
-                                  "p.grad = q.grad", "exp_avg.data = t", "state[p][exp_avg] = t",
-                                  "del state[p]", "step.fill_", "requires_grad_(False)", "a param joins the group",
-                                  "add_param_group", "load_state_dict"])
+@pytest.mark.parametrize("edit", [
+    "lr and betas", "maximize, eps, weight_decay", "p.data = t", "p.grad.data = t", "p.grad = t",
+    "p.grad = None", "p.grad = q.grad", "exp_avg.data = t", "state[p][exp_avg] = t",
+    "del state[p]", "step.fill_", "requires_grad_(False)", "a param joins the group",
+    "add_param_group", "load_state_dict"])
 @pytest.mark.parametrize("layout", ["packed", "bucket views"])
 def test_a_replayed_step_sees_what_user_code_changed(monkeypatch, device, backend, edit, layout):
     """Grads that stay between steps (zero_grad(set_to_none=False), ZeroRedundancyOptimizer's
