@@ -23,27 +23,33 @@ from .flat import (STEP, Layout, Packing, Watch, addresses, buffer_key, check_st
 from .functional import Launch, next_count
 
 
-def _hooked(step):
-    """`step` inside torch.optim's step wrapper (Optimizer.profile_hook_step: the step hooks and
-    the "Optimizer.step#FusedAdamW.step" range) while a step hook is registered, a range would
-    reach anyone (flat.observed) or torch.compile traces it, else alone: the wrapper's
-    record_function costs ~30 us of host time where the step before streamed its operands
-    through the caches (bench/NOTES.md 28). A subclass that overrides step has torch's wrapper
-    around its own: its super().step() is this one alone (the hooks run once)."""
-    wrapped = Optimizer.profile_hook_step(step)
+def _hooked(planned):
+    """Makes `step` (a replay of the last step's plan, else `planned`, the step planned in full)
+    the optimizer's step: inside torch.optim's step wrapper (Optimizer.profile_hook_step: the
+    step hooks and the "Optimizer.step#FusedAdamW.step" range) while a step hook is registered
+    or a range would reach anyone (flat.observed), else alone: the wrapper's record_function
+    costs ~30 us of host time where the step before streamed its operands through the caches
+    (bench/NOTES.md 28). Compiled: torch's wrapper around `planned` (a compiled step never
+    replays). A subclass that overrides step has torch's wrapper around its own: its
+    super().step() is this one alone (the hooks run once)."""
+    def hook(step):
+        hooked, compiled = Optimizer.profile_hook_step(step), Optimizer.profile_hook_step(planned)
 
-    @functools.wraps(step)
-    def wrapper(self, *args, **kwargs):
-        if type(self).step is wrapper and (
-                torch.compiler.is_compiling()  # (dynamo traces torch's wrapper, not ours)
-                or _global_optimizer_pre_hooks or _global_optimizer_post_hooks
-                or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
-                or observed()):
-            return wrapped(self, *args, **kwargs)
-        return step(self, *args, **kwargs)
+        @functools.wraps(step)
+        def wrapper(*args, **kwargs):
+            self = args[0]
+            ours = type(self).step is wrapper
+            if torch.compiler.is_compiling():
+                return (compiled if ours else planned)(*args, **kwargs)
+            if ours and (_global_optimizer_pre_hooks or _global_optimizer_post_hooks
+                         or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+                         or observed()):
+                return hooked(*args, **kwargs)
+            return step(*args, **kwargs)
 
-    wrapper.hooked = True  # (Optimizer.__init__ wraps a step that is not)
-    return wrapper
+        wrapper.hooked = True  # (Optimizer.__init__ wraps a step that is not)
+        return wrapper
+    return hook
 
 
 class FusedAdam(Optimizer):
@@ -173,6 +179,7 @@ class FusedAdam(Optimizer):
             for key, value in saved.get(saved_id, {}).items():
                 if key != "step" and torch.is_tensor(value):  # (8-bit codes too: uint8)
                     self.state[p][key] = value
+        self.__dict__.pop("_replay", None)  # (a kept plan holds the buffers it steps)
         self._sync_layout()  # copy into our buffers now: nothing aliases the loaded tensors
 
     def add_param_group(self, param_group):
@@ -183,6 +190,7 @@ class FusedAdam(Optimizer):
             return
         try:
             _check_group(self.param_groups[-1])
+            self.__dict__.pop("_replay", None)  # (a kept plan holds the buffers it steps)
             self._sync_layout()
         except Exception:
             self.param_groups.pop()
@@ -194,7 +202,6 @@ class FusedAdam(Optimizer):
     def _sync_layout(self) -> None:
         """(Re)build the flat buffers of groups that are new or stale; after load_state_dict (a
         new `self.state`) all of them, adopting the loaded values."""
-        self.__dict__.pop("_replay", None)  # (a kept plan holds the buffers it steps)
         if self._packing is None or self._packing_state is not self.state:
             self._packing, self._packing_state = Packing(), self.state
         self._packing.sync(self.param_groups, self._layouts(), self.state, self._watch)
@@ -209,32 +216,16 @@ class FusedAdam(Optimizer):
         for buf in self._packing.buffers:
             buf.zero_grad()
 
-    @_hooked
-    def step(self, closure=None):
+    @torch.no_grad()
+    def _planned_step(self, closure=None):
+        """The step planned in full: what torch.compile traces, and an eager step that cannot
+        replay the last one's plan (Replay)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Grad mode off for the update: torch.no_grad() costs ~20 us more of host time where the
-        # step follows one that streamed its operands through the caches (bench/NOTES.md 28).
-        if torch.compiler.is_compiling():  # (dynamo traces the context manager)
-            with torch.no_grad():
-                self._step(compiling=True)
-            return loss
-        enabled = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(False)
-        try:
-            self._step(compiling=False)
-        finally:
-            torch._C._set_grad_enabled(enabled)
-        return loss
-
-    def _step(self, compiling: bool) -> None:
+        compiling = torch.compiler.is_compiling()
         if not compiling:
-            replay = self.__dict__.get("_replay")
-            if replay is not None and replay.holds(self):
-                replay.run(self)
-                return
             self.__dict__["_replay"] = None
         if getattr(self, "found_inf", None) is not None and not self._amp:
             self._amp = True  # a GradScaler: re-pack once with step counts on the device
@@ -352,6 +343,27 @@ class FusedAdam(Optimizer):
                 and all(buf.replayable for buf, _ in prepared)
                 and all(m is None for m in multiplier_of)):
             self.__dict__["_replay"] = Replay(self, launches.values())
+        return loss
+
+    @_hooked(_planned_step)
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        replay = self.__dict__.get("_replay")
+        if replay is None or not replay.holds(self):
+            self._planned_step()
+            return loss
+        # (the grad mode switched in C: torch.no_grad() costs ~20 us more of host time where the
+        # step before streamed its operands through the caches, bench/NOTES.md 28)
+        enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            replay.run(self)
+        finally:
+            torch._C._set_grad_enabled(enabled)
+        return loss
 
     def _order_states(self, kept: int) -> None:
         """The states this step made (after the first `kept`) in the order torch.optim makes
