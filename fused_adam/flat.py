@@ -443,8 +443,8 @@ class FlatBuffer:
             self.grad = make(self.grad_dtype) if grad_buffer else None
         self.grad_now = self.grad  # the grad operand of the step being prepared
         # Whether this step's plan follows from what the optimizer's Replay checks: every param
-        # stepped with the one host step count `count`, nothing adopted, created or copied.
-        self.replayable, self.count = False, None
+        # stepped with one host step count, nothing adopted, created or copied.
+        self.replayable = False
         # Stochastic rounding (when the group asks) applies to bf16 params without a master.
         self.may_round_stochastically = (self.dtype == torch.bfloat16
                                          and MASTER_KEY not in self.state_dtypes)
@@ -870,8 +870,7 @@ class FlatBuffer:
             self._count_step(active, found_inf)
         steps = self.steps if self.device_steps else self.steps.tolist()
         if self.replayable:
-            self.count = steps[0]
-            self.replayable = steps.count(self.count) == len(steps)
+            self.replayable = steps.count(steps[0]) == len(steps)
         if self.device_steps:
             keys = [(self, h) for h in self.history]
         else:

@@ -20,7 +20,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 from . import backends, quantize
 from .flat import (STEP, Layout, Packing, Watch, addresses, buffer_key, check_state_dtype,
                    clip_coefficient, nonfinite, observed)
-from .functional import Launch, next_count
+from .functional import Launch
 
 
 def _hooked(planned):
@@ -444,8 +444,8 @@ class Replay:
         self.views = [v for buf in self.buffers for key in buf.state for v in buf.views[key]]
         params = [p for group in opt.param_groups for p in group["params"]]
         self.census = addresses(params + self.views, STEP)
-        # (each buffer's one count, and its version: any write to a count changes it)
-        self.counts = [(buf, buf.count, buf.steps._version) for buf in self.buffers]
+        # (the version of each buffer's counts: any write to a count changes it)
+        self.versions = [(buf, buf.steps._version) for buf in self.buffers]
         held = {id(p.grad): p for p in params if p.grad is not None}
         self.launches = []
         for launch in launches:
@@ -470,14 +470,13 @@ class Replay:
         params = [p for group in groups for p in group["params"]]
         if addresses(params + self.views, STEP) != self.census:
             return False
-        return all(buf.steps._version == version for buf, _, version in self.counts)
+        return all(buf.steps._version == version for buf, version in self.versions)
 
     def run(self, opt: FusedAdam) -> None:
         for group in opt.param_groups:
             _check_step_values(group)
-        torch._foreach_add_([buf.steps for buf, _, _ in self.counts], 1)
-        self.counts = [(buf, next_count(count), buf.steps._version)
-                       for buf, count, _ in self.counts]
+        torch._foreach_add_([buf.steps for buf, _ in self.versions], 1)
+        self.versions = [(buf, buf.steps._version) for buf, _ in self.versions]
         options_of = [_options(group) for group in opt.param_groups]
         for launch, slots in self.launches:
             launch.recount(options_of)
